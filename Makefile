@@ -1,0 +1,35 @@
+# Two entry points (see README): `make demo` and `make test`. Both do the whole set-up first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# libtbx needs to know where Debian put the cctbx build, or it crashes inside a venv.
+export LIBTBX_BUILD := /usr/lib/cctbx/python3.11
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test clean
+
+$(VENV)/.dials:
+	@if ! /usr/bin/python3 -c "import dials, dxtbx" >/dev/null 2>&1; then \
+		echo "Installing Debian's DIALS (apt-get install dials)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dials >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(VENV)/.installed: $(VENV)/.dials setup.py
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q torch==2.13.0 safetensors pytest
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job on built-in defaults: simulate stills as CBF files, import them with DIALS,
+# predict with the shipped models, filter, and index what is kept.
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

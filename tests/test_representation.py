@@ -1,0 +1,79 @@
+import numpy as np
+
+from dials_diffnet.representation import (
+    CRYSTAL_GRID,
+    BeamGeometry,
+    GridSpec,
+    PanelGeometry,
+    build_grid_map,
+    represent,
+)
+
+
+def flat_detector(distance=200.0, n=400, pixel=0.172, beam_centre=(200.0, 200.0)):
+    """One square panel normal to the beam along -z, dxtbx-style."""
+    origin = (-beam_centre[0] * pixel, beam_centre[1] * pixel, -distance)
+    return (PanelGeometry(origin, (1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (pixel, pixel), (n, n)),)
+
+
+BEAM = BeamGeometry(direction=(0.0, 0.0, -1.0), wavelength=1.0)
+
+
+def test_spot_lands_at_its_resolution_radius():
+    panels = flat_detector()
+    gm = build_grid_map(panels, BEAM)
+    img = np.zeros((400, 400), np.float32)
+    img[200, 350] = 1000.0  # 150 px right of the beam centre
+    x = represent([img], [np.ones_like(img, bool)], gm)
+    row, col = np.unravel_index(np.argmax(x[0]), x[0].shape)
+    centre = CRYSTAL_GRID.size / 2
+    radius_s = np.hypot(row + 0.5 - centre, col + 0.5 - centre) * CRYSTAL_GRID.cell
+    two_theta = np.arctan2(150.5 * 0.172, 200.0)
+    expected_s = 2 * np.sin(two_theta / 2) / 1.0
+    assert abs(radius_s - expected_s) < 1.5 * CRYSTAL_GRID.cell
+
+
+def test_geometry_free_same_d_same_cell():
+    """A spot at the same d seen at two distances/wavelengths lands in the same grid cell."""
+    cells = []
+    for distance, wavelength in [(150.0, 1.0), (300.0, 0.8)]:
+        beam = BeamGeometry((0.0, 0.0, -1.0), wavelength)
+        panels = flat_detector(distance=distance, n=800, beam_centre=(400.0, 400.0))
+        gm = build_grid_map(panels, beam)
+        d = 6.0
+        two_theta = 2 * np.arcsin(wavelength / (2 * d))
+        px = int(round(distance * np.tan(two_theta) / 0.172 + 400 - 0.5))
+        img = np.zeros((800, 800), np.float32)
+        img[400, px] = 500.0
+        x = represent([img], [np.ones_like(img, bool)], gm)
+        cells.append(np.unravel_index(np.argmax(x[0]), x[0].shape))
+    assert abs(cells[0][0] - cells[1][0]) <= 1 and abs(cells[0][1] - cells[1][1]) <= 1
+
+
+def test_masked_pixels_and_max_pooling():
+    panels = flat_detector()
+    gm = build_grid_map(panels, BEAM)
+    img = np.full((400, 400), 10.0, np.float32)
+    valid = np.ones_like(img, bool)
+    valid[:, :200] = False  # left half masked
+    img[:, :200] = 1e6  # masked values must not leak
+    x = represent([img], [valid], gm)
+    assert x[0].max() == 0.0  # uniform background -> median-subtracted zero everywhere valid
+    centre = CRYSTAL_GRID.size // 2
+    assert x[1][centre, : centre - 5].sum() == 0  # left of the beam: no valid cells
+    assert x[1][centre, centre + 5 : centre + 20].all()
+
+
+def test_blank_and_nonfinite_image_gives_finite_output():
+    panels = flat_detector()
+    gm = build_grid_map(panels, BEAM)
+    img = np.full((400, 400), np.nan, np.float32)
+    x = represent([img], [np.ones_like(img, bool)], gm)
+    assert np.isfinite(x).all() and x[1].sum() == 0
+
+
+def test_grid_spec_reach():
+    small = GridSpec(size=64, s_max=0.02)
+    gm = build_grid_map(flat_detector(distance=2000.0), BEAM, small)
+    x = represent([np.ones((400, 400), np.float32)], [np.ones((400, 400), bool)], gm)
+    assert x.shape == (2, 64, 64) and x[1].mean() > 0.5
