@@ -91,8 +91,28 @@ class RawImage:
     beam: BeamGeometry
 
 
+def static_masks(imageset, detector) -> list:
+    """Per-panel masks that do not depend on pixel values: the external mask and untrusted rectangles.
+
+    dxtbx's ImageSet.get_mask also drops pixels at or above the trusted maximum;
+    we keep those (clipped), because an overloaded Bragg spot is signal.
+    """
+    external = imageset.external_lookup.mask.data
+    masks = []
+    for i, panel in enumerate(detector):
+        nf, ns = panel.get_image_size()
+        ok = np.ones((ns, nf), dtype=bool)
+        if not external.empty():
+            ok &= external.tile(i).data().as_numpy_array().astype(bool)
+        for f0, s0, f1, s1 in panel.get_mask():
+            ok[s0:s1, f0:f1] = False
+        masks.append(ok)
+    return masks
+
+
 def read_image(imageset, index) -> RawImage:
-    """Read one image's raw panels; trusted range, static and format masks applied.
+    """Read one image's raw panels: static masks applied, values at or below the trusted minimum
+    and non-finite values invalid, overloads clipped to the trusted maximum.
 
     Raises whatever dxtbx raises for unreadable files: the caller turns that into
     a per-image failure flag.
@@ -102,12 +122,12 @@ def read_image(imageset, index) -> RawImage:
     raw = imageset.get_raw_data(index)
     if not isinstance(raw, tuple):
         raw = (raw,)
-    masks = imageset.get_mask(index)
     pixels, valid = [], []
-    for panel, data, mask in zip(detector, raw, masks):
+    for panel, data, mask in zip(detector, raw, static_masks(imageset, detector)):
         values = data.as_numpy_array().astype(np.float32, copy=False)
         lo, hi = panel.get_trusted_range()
-        ok = mask.as_numpy_array() & np.isfinite(values) & (values > lo)
+        with np.errstate(invalid="ignore"):
+            ok = mask & np.isfinite(values) & (values > lo)
         pixels.append(np.minimum(values, np.float32(hi)))
         valid.append(ok)
     return RawImage(pixels=pixels, valid=valid, panels=detector_geometry(detector), beam=beam_geometry(beam))

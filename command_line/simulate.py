@@ -1,0 +1,82 @@
+"""diffnet.simulate: physically labelled diffraction stills, as CBF images or training shards."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+from importlib import resources
+
+from libtbx.phil import parse
+
+from dials.util import Sorry, log, show_mail_handle_errors
+from dials.util.options import ArgumentParser
+
+from dials_diffnet.simulate.dataset import generate_shards, write_images
+from dials_diffnet.simulate.detectors import DETECTORS
+from dials_diffnet.simulate.stills import Recipe
+
+logger = logging.getLogger("dials.diffnet.simulate")
+phil_scope = parse(resources.files("dials_diffnet.phil").joinpath("simulate.phil").read_text())
+
+help_message = """
+Simulate X-ray diffraction stills (single and multi-lattice crystals, blanks,
+weak hits) on real detector models, with labels: resolution, number of
+lattices, hit. format=cbf writes shot_NNNNN.cbf + shot_NNNNN.json for
+dials.import; format=shards writes training tensors.
+
+Examples::
+
+  diffnet.simulate n_images=50 output.directory=sim
+  dials.import sim/shot_*.cbf
+  diffnet.simulate format=shards n_images=10000 seed=1 nproc=2 output.directory=train
+"""
+
+
+def recipe_from(params) -> Recipe:
+    unknown = set(params.recipe.detectors) - set(DETECTORS)
+    if unknown:
+        raise Sorry(f"Unknown detector(s) {sorted(unknown)}; choose from {sorted(DETECTORS)}")
+    if sum(params.recipe.lattice_counts) <= 0:
+        raise Sorry("recipe.lattice_counts must not all be zero")
+    total = sum(params.recipe.lattice_counts)
+    return Recipe(
+        detectors={d: 1.0 for d in params.recipe.detectors},
+        wavelength=tuple(params.recipe.wavelength),
+        distance_scale=tuple(params.recipe.distance_scale),
+        p_blank=params.recipe.p_blank,
+        lattice_counts=tuple(v / total for v in params.recipe.lattice_counts),
+        images_per_geometry=params.recipe.images_per_geometry,
+    )
+
+
+def _shard_worker(args):
+    out_dir, seed, n_images, recipe, shard_size, worker, n_workers = args
+    generate_shards(out_dir, seed, n_images, recipe, shard_size, worker, n_workers, log=logger.info)
+
+
+@show_mail_handle_errors()
+def run(args=None, phil=phil_scope):
+    parser = ArgumentParser(usage="diffnet.simulate [options]", phil=phil, epilog=help_message, check_format=False)
+    params, _ = parser.parse_args(args=args, show_diff_phil=False)
+    log.config(logfile=params.output.log)
+    diff = parser.diff_phil.as_str()
+    if diff:
+        logger.info("The following parameters have been modified:\n%s", diff)
+    recipe = recipe_from(params)
+    out = params.output.directory
+    if params.format == "cbf":
+        paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress)
+        logger.info("Wrote %d images to %s (shot_NNNNN.cbf + .json labels)", len(paths), out)
+        return
+    jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc) for w in range(params.nproc)]
+    if params.nproc == 1:
+        _shard_worker(jobs[0])
+    else:
+        with multiprocessing.get_context("spawn").Pool(params.nproc) as pool:
+            pool.map(_shard_worker, jobs)
+    logger.info("Wrote %d images as shards to %s", params.n_images, out)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -1,0 +1,138 @@
+"""Labelled data sets from the stills simulator, in two forms:
+
+- tensor shards for training: `shard_NNNNN.npz` holding `represent()` outputs
+  (float16) and label arrays, plus `index.json` (recipe, seeds, label definitions);
+- image files for DIALS: `shot_NNNNN.cbf` + `shot_NNNNN.json` (all parameters, seed, labels).
+
+Shot i of a data set with seed S is generated from seed S * 1_000_000 + i; its
+geometry from group i // images_per_geometry. Either form regenerates any image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from dials_diffnet.representation import CRYSTAL_GRID, REPRESENTATION_VERSION, represent
+from dials_diffnet.simulate.stills import LABEL_DEFINITIONS, DetectorFrame, Recipe, render, sample_geometry, sample_shot
+
+SEED_STRIDE = 1_000_000
+LABEL_ARRAYS = {
+    "s_min": np.float32,
+    "d_min": np.float32,
+    "edge_limited": bool,
+    "is_hit": bool,
+    "is_multi": bool,
+    "n_lattices": np.int8,
+    "minority_share": np.float32,
+    "misorientation_deg": np.float32,
+}
+
+
+def shot_seed(dataset_seed: int, i: int) -> int:
+    return dataset_seed * SEED_STRIDE + i
+
+
+def geometry_for(dataset_seed: int, group: int, recipe: Recipe) -> dict:
+    return sample_geometry(np.random.default_rng([dataset_seed, group, 7]), recipe)
+
+
+def iter_shots(dataset_seed: int, indices, recipe: Recipe, noise=True):
+    """(index, ShotParams, SimulatedImage) for the given shot indices, reusing each geometry's frame."""
+    frame, frame_group = None, None
+    for i in indices:
+        group = i // recipe.images_per_geometry
+        geometry = geometry_for(dataset_seed, group, recipe)
+        if group != frame_group:
+            frame, frame_group = DetectorFrame(**geometry), group
+        shot = sample_shot(shot_seed(dataset_seed, i), recipe, geometry)
+        yield i, shot, render(shot, frame, noise=noise)
+
+
+def write_index(out_dir, dataset_seed, n_images, recipe, shard_size, extra=None):
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {
+        "representation_version": REPRESENTATION_VERSION,
+        "grid": [CRYSTAL_GRID.size, CRYSTAL_GRID.s_max],
+        "seed": dataset_seed,
+        "n_images": n_images,
+        "shard_size": shard_size,
+        "shards": [f"shard_{k:05d}.npz" for k in range(-(-n_images // shard_size))] if shard_size else [],
+        "recipe": dataclasses.asdict(recipe),
+        "label_definitions": LABEL_DEFINITIONS,
+        **(extra or {}),
+    }
+    _atomic_write(out_dir / "index.json", json.dumps(index, indent=1).encode())
+    return index
+
+
+def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size):
+    """Simulate and store one shard (skipped if already there: generation can resume)."""
+    path = pathlib.Path(out_dir) / f"shard_{shard_index:05d}.npz"
+    if path.exists():
+        return path
+    indices = range(shard_index * shard_size, min((shard_index + 1) * shard_size, n_images))
+    xs, labels, detectors, seeds = [], {k: [] for k in LABEL_ARRAYS}, [], []
+    for i, shot, image in iter_shots(dataset_seed, indices, recipe):
+        xs.append(represent(image.pixels, image.valid, image.frame.grid_map).astype(np.float16))
+        for k in LABEL_ARRAYS:
+            labels[k].append(image.labels[k])
+        detectors.append(shot.detector)
+        seeds.append(shot.seed)
+    arrays = {k: np.asarray(v, dtype=LABEL_ARRAYS[k]) for k, v in labels.items()}
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, x=np.stack(xs), detector=np.asarray(detectors), seed=np.asarray(seeds, np.int64), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, worker=0, n_workers=1, log=print):
+    write_index(out_dir, dataset_seed, n_images, recipe, shard_size)
+    n_shards = (n_images + shard_size - 1) // shard_size
+    t0 = time.time()
+    for k in range(worker, n_shards, n_workers):
+        write_shard(out_dir, dataset_seed, k, n_images, recipe, shard_size)
+        log(f"shard {k + 1}/{n_shards} done ({time.time() - t0:.0f} s)")
+
+
+def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0):
+    """CBF files + per-image JSON (params and labels), for DIALS and for format tests."""
+    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf
+    from dials_diffnet.simulate.detectors import to_dxtbx
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0, extra={"format": "cbf", "first_index": start})
+    paths = []
+    for i, shot, image in iter_shots(dataset_seed, range(start, start + n_images), recipe):
+        stem = out_dir / f"shot_{i + 1:05d}"  # frame numbers from 1, as DIALS counts them
+        frame = image.frame
+        write_cbf(
+            f"{stem}.cbf",
+            to_dxtbx(frame.model, frame.panels),
+            dxtbx_beam(shot.wavelength, polarization=shot.polarization),
+            image.pixels,
+            integer=frame.model.counting or frame.model.name == "rayonix340",
+            compress=compress,
+        )
+        record = {"image": f"{stem.name}.cbf", "seed": shot.seed, "dataset_seed": dataset_seed, "index": i,
+                  "params": shot.to_json(), "labels": image.labels}
+        _atomic_write(pathlib.Path(f"{stem}.json"), json.dumps(record, indent=1).encode())
+        paths.append(f"{stem}.cbf")
+    return paths
+
+
+def read_image_labels(cbf_path) -> dict:
+    return json.loads(pathlib.Path(cbf_path).with_suffix(".json").read_text())
+
+
+def _atomic_write(path: pathlib.Path, data: bytes):
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,127 @@
+"""The stills simulator: determinism, physics of the labels, and real DIALS on its images."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from dials_diffnet.images import iter_image_refs, read_image
+from dials_diffnet.representation import cached_grid_map, represent
+from dials_diffnet.simulate.dataset import iter_shots, read_image_labels, write_images
+from dials_diffnet.simulate.stills import DetectorFrame, Recipe, render, sample_shot
+
+SMALL = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(1.0, 0.0, 0.0))
+GEOMETRY = dict(detector="pilatus2m", distance=150.0, wavelength=1.0, beam_xy=(0.3, -0.2), beamstop=(2.0, 90.0))
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return DetectorFrame(**GEOMETRY)
+
+
+def dials(*args, cwd):
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_identical_seeds_identical_images(frame):
+    a = render(sample_shot(11, SMALL, GEOMETRY), frame)
+    b = render(sample_shot(11, SMALL, GEOMETRY), frame)
+    c = render(sample_shot(12, SMALL, GEOMETRY), frame)
+    assert np.array_equal(a.pixels[0], b.pixels[0]) and json.dumps(a.labels) == json.dumps(b.labels)
+    assert not np.array_equal(a.pixels[0], c.pixels[0])
+
+
+def test_blank_shot_is_not_a_hit(frame):
+    shot = sample_shot(3, Recipe(detectors={"pilatus2m": 1.0}, p_blank=1.0), GEOMETRY)
+    image = render(shot, frame)
+    assert shot.lattices == []
+    assert not image.labels["is_hit"] and image.labels["s_min"] == 0.0
+    # background only: the mean count follows the solvent + air model, no spots
+    assert 0 < np.mean(image.pixels[0][image.valid[0]]) < 100
+
+
+def test_resolution_label_follows_b_factor(frame):
+    """Same crystal and exposure, stronger B-factor damping: the label resolution gets worse."""
+    shot = sample_shot(21, SMALL, GEOMETRY)
+    shot.exposure, shot.water = 300.0, 1.0
+    s_mins = []
+    for b in (10.0, 30.0, 60.0):
+        shot.b_factor = b
+        s_mins.append(render(shot, frame, noise=False).labels["s_min"])
+    assert s_mins[0] >= s_mins[1] > s_mins[2] > 0
+
+
+def test_multi_lattice_label_matches_shares():
+    recipe = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(0.0, 0.5, 0.5))
+    for _, shot, image in iter_shots(9, range(6), recipe):
+        labels = image.labels
+        shares = np.array(labels["lattice_shares"])
+        assert len(shares) == len(shot.lattices) >= 2
+        expected = labels["is_hit"] and (shares >= 0.15).sum() >= 2
+        # a lattice also needs 5 detectable spots, so the label can only be stricter than shares alone
+        assert labels["is_multi"] <= expected
+        assert np.isfinite(labels["misorientation_deg"])
+
+
+@pytest.fixture(scope="module")
+def single_lattice_images(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim_single")
+    recipe = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(1.0, 0.0, 0.0))
+    # dataset seed 5, shot 18: tetragonal 126 x 126 x 23 A, ~2500 detectable spots
+    paths = write_images(out, 5, 1, recipe, start=18)
+    return out, paths
+
+
+def test_cbf_round_trip_gives_the_same_network_input(single_lattice_images):
+    out, paths = single_lattice_images
+    dials("dials.import", *paths, cwd=out)
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiments = ExperimentListFactory.from_json_file(str(out / "imported.expt"))
+    ref = next(iter_image_refs(experiments))
+    raw = read_image(ref.imageset, ref.index)
+    from_file = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam))
+    (_, _, image), = iter_shots(5, [18], Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(1.0, 0.0, 0.0)))
+    in_memory = represent(image.pixels, image.valid, image.frame.grid_map)
+    assert np.array_equal(from_file, in_memory)
+
+
+def test_dials_indexes_single_lattice_and_recovers_cell(single_lattice_images):
+    out, paths = single_lattice_images
+    labels = read_image_labels(paths[0])
+    cell = labels["params"]["lattices"][0]["cell"]
+    assert labels["params"]["lattices"][0]["system"] == "tetragonal"
+    dials("dials.import", *paths, cwd=out)
+    dials("dials.find_spots", "imported.expt", "nproc=1", cwd=out)
+    dials(
+        "dials.index", "imported.expt", "strong.refl", "stills.indexer=sequences", "space_group=P4",
+        "unit_cell=" + ",".join(f"{v:.1f}" for v in cell), cwd=out,
+    )
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    indexed = ExperimentListFactory.from_json_file(str(out / "indexed.expt"), check_format=False)
+    found = indexed[0].crystal.get_unit_cell().parameters()
+    assert np.allclose(found[:3], cell[:3], rtol=0.015)
+
+
+def test_more_lattices_found_on_multi_lattice_images(tmp_path):
+    """dials.index max_lattices=3 finds more lattices on 3-lattice shots than on single ones."""
+    # dataset 5 shot 2: monoclinic 29 x 49 x 126 A, three lattices with shares 0.38/0.34/0.28
+    multi = write_images(tmp_path / "multi", 5, 1, Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0), start=2)
+    assert read_image_labels(multi[0])["labels"]["is_multi"]
+    single = write_images(tmp_path / "single", 5, 1, Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0), start=18)
+    found = {}
+    for name, paths in (("multi", multi), ("single", single)):
+        d = tmp_path / name
+        cell = read_image_labels(paths[0])["params"]["lattices"][0]["cell"]
+        dials("dials.import", *paths, cwd=d)
+        dials("dials.find_spots", "imported.expt", "nproc=1", cwd=d)
+        dials(
+            "dials.index", "imported.expt", "strong.refl", "stills.indexer=sequences", "max_lattices=3",
+            "unit_cell=" + ",".join(f"{v:.2f}" for v in cell), cwd=d,
+        )
+        found[name] = len(json.loads((d / "indexed.expt").read_text())["crystal"])
+    assert found["multi"] > found["single"] == 1
