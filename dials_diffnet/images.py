@@ -48,10 +48,10 @@ def beam_geometry(beam) -> BeamGeometry:
 def iter_image_refs(experiments):
     """Yield an ImageRef for every image, once, in experiment order.
 
-    A rotation experiment owns every image of its sequence. Stills imported
-    together share one ImageSet and own one image each: the experiment's
-    image is its position among the experiments sharing that ImageSet,
-    unless the ImageSet holds a single image.
+    A rotation experiment owns every image of its sequence. A still whose
+    one-image scan points into a shared ImageSequence owns the image its scan
+    names. Stills sharing a plain ImageSet own one image each: the
+    experiment's position among the experiments sharing it.
     """
     position_in_imageset: dict[int, int] = {}
     for i_expt, expt in enumerate(experiments):
@@ -61,6 +61,8 @@ def iter_image_refs(experiments):
             indices = range(len(imageset))
         elif len(imageset) == 1:
             indices = [0]
+        elif scan is not None and hasattr(imageset, "get_array_range"):
+            indices = [scan.get_array_range()[0] - imageset.get_array_range()[0]]
         else:
             key = id(imageset)
             position_in_imageset[key] = position_in_imageset.get(key, -1) + 1

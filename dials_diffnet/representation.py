@@ -112,6 +112,7 @@ def build_grid_map(
         q = pixel_q(panel, beam)
         shapes.append(q.shape[:2])
         s = np.linalg.norm(q, axis=2)
+        # grid position: radius |q|, azimuth of q's projection perpendicular to the beam
         phi = np.arctan2(q @ e2, q @ e1)
         col = np.floor((s * np.cos(phi) + grid.s_max) / grid.cell).astype(np.int64)
         row = np.floor((grid.s_max - s * np.sin(phi)) / grid.cell).astype(np.int64)
@@ -119,7 +120,10 @@ def build_grid_map(
         flat_cells.append(np.where(inside, row * grid.size + col, -1).ravel())
     cell_of_pixel = np.concatenate(flat_cells)
     inside = np.flatnonzero(cell_of_pixel >= 0)
-    order = inside[np.argsort(cell_of_pixel[inside], kind="stable")]
+    # a stable sort of 16-bit keys is a radix sort in numpy: linear in the pixel count
+    keys = cell_of_pixel[inside]
+    keys = keys.astype(np.uint16) if grid.size**2 <= 1 << 16 else keys
+    order = inside[np.argsort(keys, kind="stable")]
     sorted_cells = cell_of_pixel[order]
     starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
     return GridMap(

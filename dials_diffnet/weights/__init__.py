@@ -90,4 +90,5 @@ def _atomic_write_text(path, text):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; cards are shipped files
     os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""diffnet.filter: keep the images diffnet judges worth processing."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+
+from dials.util import Sorry, log, show_mail_handle_errors, tabulate
+from dials.util.version import dials_version
+
+from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, write_records
+from diffnet.predict import phil_scope as predict_scope
+from dials_diffnet.images import iter_image_refs
+from dials_diffnet.results import match_records, read_json, write_experiments, write_reflections
+from dials_diffnet.util import check_outputs, load_phil, parse_command_line
+
+logger = logging.getLogger("dials.diffnet.filter")
+
+help_message = """
+Keep the images that diffnet judges worth processing and write them as a new
+experiment list (filtered.expt, plus filtered.refl when reflections are given).
+
+Per-image rules, applied in this order (the first one an image fails is its
+reason for being dropped): the image could be judged (keep_failed=False),
+P(hit) >= min_p_hit, P(multi-lattice) <= max_p_multi, and predicted
+d_min <= d_min. Any rule set to None is not applied.
+
+Stills: each kept image keeps its experiment; its ImageSet is rebuilt to hold
+that image alone, so the output reloads as exactly the kept images.
+Rotation sequences are kept or dropped whole: a sequence is kept when at least
+rotation.min_good_fraction of its images pass the rules.
+
+If no diffnet.json is given the prediction runs first, with the same
+parameters as diffnet.predict.
+
+Examples::
+
+  diffnet.filter imported.expt diffnet.json d_min=2.5 max_p_multi=0.5
+
+  diffnet.filter imported.expt strong.refl min_p_hit=0.8
+"""
+
+
+def _filter_phil():
+    """The filter's rules and outputs, plus every prediction parameter of diffnet.predict."""
+    scope = load_phil("filter")
+    for definition in predict_scope.objects:
+        if definition.name != "output":
+            scope.adopt(definition)
+    return scope
+
+
+phil_scope = _filter_phil()
+working_phil = phil_scope
+
+
+def rejection(record, params) -> str | None:
+    """Why one image is dropped, or None if it passes every rule."""
+    if not record.ok:
+        return None if params.keep_failed else "failed: " + record.failure.split(":")[0]
+    if params.min_p_hit is not None and record.p_hit < params.min_p_hit:
+        return f"not a hit (P(hit) < {params.min_p_hit:g})"
+    if params.max_p_multi is not None and record.p_multi > params.max_p_multi:
+        return f"multi-lattice (P(multi) > {params.max_p_multi:g})"
+    if params.d_min is not None and record.d_min > params.d_min:
+        return f"d_min worse than {params.d_min:g} A"
+    return None
+
+
+def is_rotation(experiment) -> bool:
+    return experiment.scan is not None and experiment.scan.get_num_images() > 1
+
+
+def choose_experiments(experiments, refs, records, params):
+    """(indices of kept experiments, Counter of image reasons, Counter of rotation-sequence outcomes)."""
+    reasons = [rejection(r, params) for r in records]
+    images_of = collections.defaultdict(list)
+    for ref, reason in zip(refs, reasons):
+        images_of[ref.experiment_index].append(reason)
+    kept, image_counts, sweep_counts = [], collections.Counter(), collections.Counter()
+    for i_expt, expt_reasons in sorted(images_of.items()):
+        image_counts.update(r or "kept" for r in expt_reasons)
+        if is_rotation(experiments[i_expt]):
+            good = sum(r is None for r in expt_reasons) / len(expt_reasons)
+            keep = good >= params.rotation.min_good_fraction
+            sweep_counts["kept" if keep else f"dropped (< {params.rotation.min_good_fraction:g} of images pass)"] += 1
+        else:
+            keep = expt_reasons[0] is None
+        if keep:
+            kept.append(i_expt)
+    return kept, image_counts, sweep_counts
+
+
+def isolate_still_imagesets(experiments, refs, kept):
+    """Give each kept still an ImageSet of its own image only.
+
+    Stills imported together share one ImageSet (or one ImageSequence with one-image scans);
+    written out as they are, the shared set would reload with the dropped images too.
+    """
+    ref_of = {ref.experiment_index: ref for ref in refs}
+    for i in kept:
+        expt = experiments[i]
+        ref = ref_of[i]
+        if not is_rotation(expt) and len(ref.imageset) > 1:
+            expt.imageset = ref.imageset[ref.index : ref.index + 1]
+
+
+def counts_table(image_counts, sweep_counts) -> str:
+    rows = [[reason, n] for reason, n in sorted(image_counts.items(), key=lambda kv: (kv[0] != "kept", kv[0]))]
+    text = tabulate(rows, ["images", "count"])
+    if sweep_counts:
+        text += "\n" + tabulate([[k, n] for k, n in sorted(sweep_counts.items())], ["rotation sequences", "count"])
+    return text
+
+
+def json_argument(unhandled):
+    jsons = [a for a in unhandled if a.endswith(".json")]
+    if len(jsons) > 1:
+        raise Sorry(f"give at most one diffnet.json, not {len(jsons)}")
+    return jsons[0] if jsons else None
+
+
+@show_mail_handle_errors()
+def run(args=None, phil=working_phil):
+    usage = "usage: diffnet.filter [options] [param.phil] imported.expt [strong.refl] [diffnet.json]"
+    parser = make_parser(phil, usage, help_message)
+    params, options, unhandled = parse_command_line(parser, args)
+    json_in = json_argument(unhandled)
+    reject_unhandled(unhandled, accepted=[json_in])
+    if not params.input.experiments and not params.input.reflections:
+        parser.print_help()
+        return
+    experiments, expt_path, reflections, refl_path = single_inputs(params)
+    out = params.output
+    check_outputs(
+        {
+            "output.experiments": out.experiments,
+            "output.reflections": out.reflections if reflections is not None else None,
+            "output.json": out.json if json_in is None else None,
+            "output.log": out.log,
+        },
+        inputs=[expt_path, refl_path, json_in],
+    )
+    if not out.experiments:
+        raise Sorry("output.experiments must name a file")
+
+    log.config(verbosity=options.verbose, logfile=out.log)
+    logger.info(dials_version())
+    diff_phil = parser.diff_phil.as_str()
+    if diff_phil:
+        logger.info("The following parameters have been modified:\n\n" + diff_phil)
+
+    if len(set(experiments.identifiers())) != len(experiments) or "" in experiments.identifiers():
+        raise Sorry(f"{expt_path} lacks unique experiment identifiers; re-import the images with dials.import")
+    refs = list(iter_image_refs(experiments))
+    if json_in:
+        _, records = read_json(json_in)
+        records = match_records(records, refs, json_in)
+        logger.info(f"Using the records of {json_in}")
+    else:
+        task, records = predict(params, experiments, expt_path)
+        if out.json:
+            write_records(out.json, task, records, "diffnet.filter", expt_path, refl_path)
+            logger.info(f"Saved per-image records to {out.json}")
+
+    kept, image_counts, sweep_counts = choose_experiments(experiments, refs, records, params)
+    isolate_still_imagesets(experiments, refs, kept)
+    kept_ids = [experiments[i].identifier for i in kept]
+    filtered = copy.copy(experiments)  # a new list of the same experiments: the selection works in place
+    filtered.select_on_experiment_identifiers(kept_ids)
+    write_experiments(filtered, out.experiments)
+    logger.info(f"Saved {len(filtered)} of {len(experiments)} experiments to {out.experiments}")
+
+    if reflections is not None and out.reflections:
+        reflections = reflections.select_on_experiment_identifiers(kept_ids)
+        reflections.reset_ids()
+        if not reflections.are_experiment_identifiers_consistent(filtered):
+            raise Sorry("filtered reflections and experiments disagree on identifiers (please report this)")
+        write_reflections(reflections, out.reflections)
+        logger.info(f"Saved {len(reflections)} reflections to {out.reflections}")
+
+    logger.info("\n" + counts_table(image_counts, sweep_counts))
+    if not filtered:
+        logger.warning("No images passed the rules; the filtered experiment list is empty.")
+
+
+if __name__ == "__main__":
+    run()

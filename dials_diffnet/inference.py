@@ -1,0 +1,268 @@
+"""Batched inference over every image of an ExperimentList.
+
+A *task* bundles the model(s) with the grid they read: `predict_batch` turns a
+batch of representations (B, 2, S, S) into one dict of fields per image. The
+crystallography task is here; an SPI task plugs in by the same protocol.
+
+Images are read by DataLoader worker processes while the model runs. Each
+worker loads the ExperimentList itself from the .expt file (dxtbx objects are
+never pickled) and builds its own grid maps. An image that cannot be read or
+judged gives a failure reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from typing import Protocol
+
+import numpy as np
+import torch
+from dials.util import Sorry, progress
+from dxtbx.model.experiment_list import ExperimentListFactory
+
+from dials_diffnet.images import iter_image_refs, read_image
+from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
+from dials_diffnet.results import ImageRecord, failed_record, predicted_record
+from dials_diffnet.util import one_line
+from dials_diffnet.weights import WeightError, load_model
+
+logger = logging.getLogger("dials.diffnet.inference")
+
+# s_min below this (d_min beyond 10^4 A) means "no diffraction": keeps d_min finite.
+MIN_S_MIN = 1e-4
+
+
+class Task(Protocol):
+    name: str
+    grid: GridSpec
+    models: dict  # model name -> summary for the records file (name, version, sha256)
+    reflection_columns: tuple  # float fields copied onto reflections as diffnet_<field>
+    device: torch.device
+
+    def predict_batch(self, x: torch.Tensor) -> list[dict]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when present, else CPU; cuda[:N] without such a GPU -> Sorry."""
+    name = str(name).strip().lower()  # PHIL gives libtbx.Auto for "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise Sorry(f"device={name} not understood: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise Sorry(f"device={name} asked for, but no CUDA GPU is available here; use device=cpu or device=auto")
+    index = int(match.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise Sorry(f"device={name} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are present")
+    return torch.device("cuda", index)
+
+
+def autocast(device: torch.device):
+    """Mixed precision on CUDA only (bf16 where supported); CPU runs in float32 so reruns agree."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def load_task_model(weights_path, device: torch.device):
+    """(model, summary for the records file); Sorry for a missing, tampered or incompatible file."""
+    try:
+        model, card = load_model(weights_path, device)
+    except WeightError as e:
+        raise Sorry(one_line(e)) from None
+    summary = {k: card.get(k) for k in ("name", "version", "sha256", "representation_version")}
+    return model, summary
+
+
+class CrystalTask:
+    """Resolution, multi-lattice and hit probability from one CrystalNet."""
+
+    name = "crystal"
+    grid = CRYSTAL_GRID
+    reflection_columns = ("d_min", "p_multi", "p_hit")
+
+    def __init__(self, weights_path, device="cpu"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.model, summary = load_task_model(weights_path, self.device)
+        self.models = {"crystal": summary}
+
+    def predict_batch(self, x: torch.Tensor) -> list[dict]:
+        with torch.inference_mode(), autocast(self.device):
+            out = self.model(x.to(self.device, non_blocking=True))
+        s_min = out["s_min"].float().clamp_min(MIN_S_MIN).cpu().numpy()
+        p_multi = torch.sigmoid(out["multi_logit"].float()).cpu().numpy()
+        p_hit = torch.sigmoid(out["hit_logit"].float()).cpu().numpy()
+        return [
+            {"d_min": float(1.0 / s), "s_min": float(s), "p_multi": float(m), "p_hit": float(h)}
+            for s, m, h in zip(s_min, p_multi, p_hit)
+        ]
+
+
+def make_task(name: str, params, device: str) -> Task:
+    """The task named by the `task` parameter, with its models from `params.model`."""
+    torch_device = resolve_device(device)
+    if name == "crystal":
+        from dials_diffnet.weights import shipped_path
+
+        path = params.model.crystal or shipped_path("crystal")
+        if params.model.crystal is None and not path.is_file():
+            raise Sorry(f"the shipped crystal model ({path}) is not installed; pass model.crystal=<file.safetensors>")
+        return CrystalTask(path, torch_device)
+    if name == "spi":
+        # Hook for the SPI task (particle count and type); it plugs in here with the same protocol.
+        raise Sorry("task=spi is not yet available in this version of dials-diffnet")
+    raise Sorry(f"unknown task={name}")
+
+
+# --- per-image checks --------------------------------------------------------------------------
+
+
+def image_failure(raw, trusted_max, max_saturated_fraction: float) -> str | None:
+    """Why an image cannot be judged, or None. `trusted_max`: per-panel upper trusted values."""
+    values = np.concatenate([np.asarray(p).ravel() for p in raw.pixels])
+    valid = np.concatenate([np.asarray(v).ravel() for v in raw.valid])
+    finite = np.isfinite(values)
+    if not finite.any():
+        return "no finite pixel values (NaN/inf everywhere)"
+    if not np.any(values[finite] != 0):
+        return "all pixels are zero"
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return "no valid pixels (all masked or outside the trusted range)"
+    at_max = np.concatenate(
+        [np.asarray(p).ravel()[np.asarray(v).ravel()] >= hi for p, v, hi in zip(raw.pixels, raw.valid, trusted_max)]
+    )
+    if at_max.sum() > max_saturated_fraction * n_valid:
+        return f"saturated: {at_max.mean():.0%} of valid pixels at the trusted maximum"
+    return None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _image_sources(expt_path) -> list:
+    """For every image (iter_image_refs order): (imageset, index) to read it, or the reason it can't be.
+
+    dxtbx refuses a whole .expt if the first file of any ImageSet is missing or unrecognised,
+    so on failure each ImageSet is loaded on its own and only its images are marked.
+    """
+    try:
+        experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=True)
+        return [(r.imageset, r.index) for r in iter_image_refs(experiments)]
+    except Exception:
+        pass
+    with open(expt_path) as f:
+        document = json.load(f)
+    per_experiment = {}
+    for i_imageset in range(len(document.get("imageset", []))):
+        members = [i for i, e in enumerate(document["experiment"]) if e.get("imageset") == i_imageset]
+        if not members:
+            continue
+        part = dict(document, experiment=[document["experiment"][i] for i in members])
+        try:
+            experiments = ExperimentListFactory.from_dict(part, check_format=True)
+            for ref in iter_image_refs(experiments):
+                per_experiment.setdefault(members[ref.experiment_index], []).append((ref.imageset, ref.index))
+        except Exception as e:
+            for i in members:
+                per_experiment[i] = f"unreadable: {one_line(e)}"
+    formatless = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
+    sources, position = [], {}
+    for ref in iter_image_refs(formatless):
+        entry = per_experiment.get(ref.experiment_index, "unreadable: no image data")
+        if isinstance(entry, str):
+            sources.append(entry)
+        else:
+            k = position.get(ref.experiment_index, 0)
+            position[ref.experiment_index] = k + 1
+            sources.append(entry[k])
+    return sources
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item i: (i, representation tensor, failure reason or ""), for the i-th image of an .expt file."""
+
+    def __init__(self, expt_path, n_images: int, grid: GridSpec, max_saturated_fraction: float):
+        self.expt_path = str(expt_path)
+        self.n_images = n_images
+        self.grid = grid
+        self.max_saturated_fraction = max_saturated_fraction
+        self._sources = None  # loaded lazily, in the process that reads
+
+    def __getstate__(self):
+        return dict(self.__dict__, _sources=None)
+
+    def forget_sources(self):
+        self._sources = None
+
+    def __len__(self):
+        return self.n_images
+
+    def __getitem__(self, i):
+        if self._sources is None:
+            self._sources = _image_sources(self.expt_path)
+        x, failure = self._represent(self._sources[i])
+        if failure:
+            x = np.zeros((N_CHANNELS, self.grid.size, self.grid.size), dtype=np.float32)
+        return i, torch.from_numpy(x), failure or ""
+
+    def _represent(self, source):
+        if isinstance(source, str):
+            return None, source
+        imageset, index = source
+        try:
+            raw = read_image(imageset, index)
+            trusted_max = [p.get_trusted_range()[1] for p in imageset.get_detector(index)]
+            failure = image_failure(raw, trusted_max, self.max_saturated_fraction)
+            if failure:
+                return None, failure
+            x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam, self.grid))
+        except Exception as e:  # dxtbx raises many kinds for truncated or corrupt files
+            return None, f"unreadable: {one_line(e) or type(e).__name__}"
+        if not x[1].any():
+            return None, "no valid pixels within the resolution range of the grid"
+        return x, None
+
+
+def _fresh_worker_sources(_worker_id):
+    # A forked worker must open its own files, not share the parent's readers.
+    torch.utils.data.get_worker_info().dataset.forget_sources()
+
+
+def _collate(items):
+    indices, tensors, failures = zip(*items)
+    return list(indices), torch.stack(tensors), list(failures)
+
+
+def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_saturated_fraction=0.5) -> list[ImageRecord]:
+    """One record per ref (refs = list(iter_image_refs(experiments)) of the experiments in expt_path)."""
+    refs = list(refs)
+    dataset = ImageDataset(expt_path, len(refs), task.grid, max_saturated_fraction)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=nproc,
+        collate_fn=_collate,
+        pin_memory=task.device.type == "cuda",
+        worker_init_fn=_fresh_worker_sources if nproc > 0 else None,
+    )
+    records: list[ImageRecord | None] = [None] * len(refs)
+    with progress(total=len(refs), desc="diffnet", unit="image") as bar:
+        for indices, x, failures in loader:
+            good = [k for k, f in enumerate(failures) if not f]
+            fields = task.predict_batch(x[good]) if good else []
+            for k, f in zip(good, fields):
+                records[indices[k]] = predicted_record(refs[indices[k]], f)
+            for k, failure in enumerate(failures):
+                if failure:
+                    records[indices[k]] = failed_record(refs[indices[k]], failure)
+            bar.update(len(indices))
+    return records

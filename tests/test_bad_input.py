@@ -1,0 +1,179 @@
+"""Messy input (issue 7): per-image problems are flagged and the run goes on; user errors are a one-line Sorry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from dials.util import Sorry
+from dxtbx.model import ExperimentList
+from dxtbx.model.experiment_list import ExperimentListFactory
+from test_predict import (
+    TRUSTED_MAX,
+    crystal_model,  # noqa: F401  (fixture)
+    diffnet,
+    dials_import,
+    find_spots,
+    load_records,
+    spotty_image,
+    write_stills,
+)
+
+from diffnet.filter import run as filter_run
+from diffnet.predict import run as predict_run
+from dials_diffnet.images import iter_image_refs, read_image
+from dials_diffnet.inference import image_failure
+from dials_diffnet.weights import shipped_path
+
+# image name -> expected failure reason (prefix); None: judged normally
+EXPECTED = {
+    "good": None,
+    "missing": "unreadable",
+    "zero_bytes": "unreadable",
+    "truncated": "unreadable",
+    "random_bytes": "unreadable",
+    "all_zero": "all pixels are zero",
+    "saturated": "saturated",
+    "all_masked": "no valid pixels",
+}
+
+
+def sha(path):
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """Stills imported one ImageSet each, then some files broken behind the .expt's back."""
+    d = tmp_path_factory.mktemp("messy")
+    contents = {
+        "all_zero": np.zeros((256, 256), np.int32),
+        "saturated": np.full((256, 256), TRUSTED_MAX, np.int32),
+        "all_masked": np.full((256, 256), -1, np.int32),
+    }
+    images = [contents.get(name, spotty_image(i)) for i, name in enumerate(EXPECTED)]
+    files = dict(zip(EXPECTED, write_stills(d, images)))
+    expt = dials_import(d, files.values(), "imported.expt", "convert_sequences_to_stills=True")
+    files["missing"].unlink()
+    files["zero_bytes"].write_bytes(b"")
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:3000])
+    files["random_bytes"].write_bytes(np.random.default_rng(1).bytes(5000))
+    return expt, files
+
+
+def test_per_image_failures_flagged_run_goes_on_and_filter_drops_them(messy, crystal_model, tmp_path):  # noqa: F811
+    expt, files = messy
+    before = {p: sha(p) for p in [expt, *files.values()] if p.exists()}
+    result = diffnet(tmp_path, "predict", expt, f"model.crystal={crystal_model}", "nproc=1", "batch_size=3")
+    assert result.returncode == 0, result.stderr
+    records = load_records(tmp_path / "diffnet.json")
+    assert [pathlib.Path(r["path"]).name for r in records] == [f.name for f in files.values()]
+    for name, record in zip(EXPECTED, records):
+        expected = EXPECTED[name]
+        if expected is None:
+            assert record["ok"] and np.isfinite(record["d_min"])
+        else:
+            assert not record["ok"] and record["failure"].startswith(expected), (name, record["failure"])
+            assert record["d_min"] is None and record["p_hit"] is None
+    assert "failed" in result.stdout
+
+    result = diffnet(tmp_path, "filter", expt, tmp_path / "diffnet.json", "min_p_hit=0", "max_p_multi=1")
+    assert result.returncode == 0, result.stderr
+    kept = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
+    assert [pathlib.Path(r.path).name for r in iter_image_refs(kept)] == [files["good"].name]
+    assert "failed: unreadable" in result.stdout
+    assert {p: sha(p) for p in before} == before, "inputs must never be modified"
+
+
+def test_nan_everywhere_is_a_failure_not_a_prediction(messy):
+    _, files = messy
+    experiments = ExperimentListFactory.from_filenames([str(files["good"])])
+    raw = read_image(experiments[0].imageset, 0)
+    assert image_failure(raw, [TRUSTED_MAX], 0.5) is None
+    raw.pixels = [np.full_like(p, np.nan) for p in raw.pixels]
+    raw.valid = [np.zeros_like(v) for v in raw.valid]
+    assert image_failure(raw, [TRUSTED_MAX], 0.5).startswith("no finite pixel values")
+
+
+# --- user errors: one-line Sorry, raised before any output is written -------------------------
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def assert_sorry(run, args, words):
+    with pytest.raises(Sorry) as e:
+        run([str(a) for a in args])
+    message = str(e.value)
+    assert "\n" not in message
+    assert words in message, message
+
+
+@pytest.fixture(scope="module")
+def other_stills(tmp_path_factory):
+    d = tmp_path_factory.mktemp("other")
+    expt = dials_import(d, write_stills(d, [spotty_image(20 + i) for i in range(2)], prefix="other"))
+    return expt, find_spots(d, expt)
+
+
+def test_empty_experiment_list(in_tmp, crystal_model):  # noqa: F811
+    ExperimentList().as_file(str(in_tmp / "empty.expt"))
+    assert_sorry(predict_run, ["empty.expt", f"model.crystal={crystal_model}"], "no experiments")
+
+
+def test_reflections_of_other_experiments(in_tmp, messy, other_stills, crystal_model):  # noqa: F811
+    expt, _ = messy
+    _, other_refl = other_stills
+    assert_sorry(predict_run, [expt, other_refl, f"model.crystal={crystal_model}"], "does not belong")
+
+
+def test_records_of_other_images(in_tmp, messy, other_stills, crystal_model):  # noqa: F811
+    expt, _ = other_stills
+    messy_expt, _ = messy
+    result = diffnet(in_tmp, "predict", messy_expt, f"model.crystal={crystal_model}", "nproc=0", "output.json=messy.json")
+    assert result.returncode == 0, result.stderr
+    assert_sorry(filter_run, [expt, "messy.json"], "does not describe these experiments")
+    (in_tmp / "not_records.json").write_text(json.dumps({"records": []}))
+    assert_sorry(filter_run, [expt, "not_records.json"], "not a diffnet records file")
+
+
+def test_output_paths(in_tmp, other_stills, crystal_model):  # noqa: F811
+    expt, refl = other_stills
+    model = f"model.crystal={crystal_model}"
+    assert_sorry(predict_run, [expt, model, f"output.json={expt}"], "is also an input")
+    assert_sorry(predict_run, [expt, refl, model, f"output.reflections={refl}"], "is also an input")
+    assert_sorry(predict_run, [expt, model, "output.json=/proc/diffnet-test/x.json"], "cannot write")
+    assert_sorry(filter_run, [expt, model, f"output.experiments={expt}"], "is also an input")
+    assert not (in_tmp / "diffnet.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu(in_tmp, other_stills, crystal_model):  # noqa: F811
+    expt, _ = other_stills
+    assert_sorry(predict_run, [expt, f"model.crystal={crystal_model}", "device=cuda"], "no CUDA GPU")
+    assert_sorry(predict_run, [expt, f"model.crystal={crystal_model}", "device=tpu"], "not understood")
+
+
+def test_tampered_and_missing_weights(in_tmp, other_stills, crystal_model):  # noqa: F811
+    expt, _ = other_stills
+    tampered = in_tmp / "crystal.safetensors"
+    data = bytearray(crystal_model.read_bytes())
+    data[-10] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    (in_tmp / "crystal.json").write_bytes(crystal_model.with_suffix(".json").read_bytes())
+    assert_sorry(predict_run, [expt, f"model.crystal={tampered}"], "checksum")
+    assert_sorry(predict_run, [expt, f"model.crystal={in_tmp / 'absent.safetensors'}"], "missing")
+    if not shipped_path("crystal").is_file():
+        assert_sorry(predict_run, [expt], "not installed")
+
+
+def test_spi_task_not_yet_available(in_tmp, other_stills):
+    expt, _ = other_stills
+    assert_sorry(predict_run, [expt, "task=spi"], "not yet available")

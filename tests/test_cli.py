@@ -1,0 +1,39 @@
+"""The commands as a pipeline calls them: console script and `python -m` agree; bad parameters are one-line Sorry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from test_predict import BIN
+
+
+def command(*args, cwd=None):
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("name", ["predict", "filter"])
+def test_module_and_console_script_print_the_same_phil(name):
+    by_module = command(sys.executable, "-m", f"diffnet.{name}", "-c", "-a", "2")
+    by_script = command(BIN / f"diffnet.{name}", "-c", "-a", "2")
+    assert by_module.returncode == by_script.returncode == 0, by_module.stderr + by_script.stderr
+    assert by_module.stdout == by_script.stdout
+    for parameter in ("batch_size", "nproc", "device", "model", "output"):
+        assert parameter in by_module.stdout
+    if name == "filter":
+        assert "max_p_multi" in by_module.stdout and "min_good_fraction" in by_module.stdout
+
+
+@pytest.mark.parametrize(
+    "argument, words",
+    [("no_such_parameter=1", "no_such_parameter"), ("batch_size=x", "batch_size"), ("batch_size=0", "batch_size"),
+     ("task=nonsense", "task"), ("missing_file.expt", "no such file")],
+)
+def test_bad_parameter_is_a_one_line_sorry(tmp_path, argument, words):
+    result = command(BIN / "diffnet.predict", argument, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Sorry"), result.stderr
+    assert words in lines[0]

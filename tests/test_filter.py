@@ -1,0 +1,97 @@
+"""diffnet.filter: rules, consistent ids/identifiers, and outputs that reload as exactly the kept images."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from dials.array_family import flex
+from dxtbx.model.experiment_list import ExperimentListFactory
+from test_predict import (
+    crystal_model,  # noqa: F401  (fixture)
+    diffnet,
+    dials_import,
+    find_spots,
+    load_records,
+    spotty_image,
+    sweep,  # noqa: F401  (fixture)
+    write_stills,
+)
+
+from dials_diffnet.images import iter_image_refs
+
+
+@pytest.fixture(scope="module")
+def four_stills(tmp_path_factory, crystal_model):  # noqa: F811
+    d = tmp_path_factory.mktemp("four")
+    expt = dials_import(d, write_stills(d, [spotty_image(10 + i) for i in range(4)]))
+    refl = find_spots(d, expt)
+    result = diffnet(d, "predict", expt, f"model.crystal={crystal_model}", "nproc=0", "output.reflections=None")
+    assert result.returncode == 0, result.stderr
+    return expt, refl, d / "diffnet.json"
+
+
+def edited_json(source, target, **fields):
+    """A copy of a diffnet.json with chosen per-image values, so the rules' outcome is known."""
+    document = json.loads(source.read_text())
+    for name, values in fields.items():
+        for record, value in zip(document["records"], values):
+            record[name] = value
+    target.write_text(json.dumps(document))
+    return target
+
+
+def test_filter_keeps_exactly_the_passing_stills(four_stills, tmp_path):
+    expt, refl, records_json = four_stills
+    rules = edited_json(
+        records_json, tmp_path / "rules.json",
+        p_hit=[0.9, 0.1, 0.9, 0.9], p_multi=[0.1, 0.1, 0.8, 0.1], d_min=[2.0, 2.0, 2.0, 2.0],
+    )
+    result = diffnet(tmp_path, "filter", expt, refl, rules, "d_min=2.5")
+    assert result.returncode == 0, result.stderr
+    assert "not a hit" in result.stdout and "multi-lattice" in result.stdout
+
+    original = ExperimentListFactory.from_json_file(str(expt), check_format=False)
+    filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
+    assert list(filtered.identifiers()) == [original[0].identifier, original[3].identifier]
+    refs = list(iter_image_refs(filtered))
+    assert [os.path.basename(r.path) for r in refs] == ["still_00001.cbf", "still_00004.cbf"]
+    assert all(len(e.imageset) == 1 for e in filtered)
+
+    reflections = flex.reflection_table.from_file(str(tmp_path / "filtered.refl"))
+    reflections.assert_experiment_identifiers_are_consistent(filtered)
+    assert set(reflections["id"]) == {0, 1}
+    strong = flex.reflection_table.from_file(str(refl))
+    for new_id, old_id in ((0, 0), (1, 3)):
+        assert (reflections["id"] == new_id).count(True) == (strong["id"] == old_id).count(True) > 0
+
+
+def test_filter_predicts_itself_without_json_and_drops_failed_by_default(four_stills, crystal_model, tmp_path):  # noqa: F811
+    expt, _, _ = four_stills
+    result = diffnet(tmp_path, "filter", expt, f"model.crystal={crystal_model}", "nproc=0", "min_p_hit=0", "max_p_multi=1")
+    assert result.returncode == 0, result.stderr
+    assert len(load_records(tmp_path / "diffnet.json")) == 4
+    assert len(ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)) == 4
+
+
+@pytest.fixture(scope="module")
+def sweep_json(sweep, crystal_model, tmp_path_factory):  # noqa: F811
+    expt, _ = sweep
+    d = tmp_path_factory.mktemp("sweep_predict")
+    result = diffnet(d, "predict", expt, f"model.crystal={crystal_model}", "nproc=0", "output.reflections=None")
+    assert result.returncode == 0, result.stderr
+    return expt, d / "diffnet.json"
+
+
+@pytest.mark.parametrize("fraction, kept", [(0.5, 1), (0.75, 0)])
+def test_rotation_sequence_kept_or_dropped_whole(sweep_json, tmp_path, fraction, kept):
+    expt, records_json = sweep_json
+    rules = edited_json(records_json, tmp_path / "rules.json", p_hit=[0.9, 0.1, 0.9, 0.1], p_multi=[0.0] * 4)
+    result = diffnet(tmp_path, "filter", expt, rules, f"rotation.min_good_fraction={fraction}")
+    assert result.returncode == 0, result.stderr
+    filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
+    assert len(filtered) == kept
+    if kept:
+        assert len(filtered[0].imageset) == 4, "a kept sequence is kept whole"
+    assert "rotation sequences" in result.stdout
