@@ -66,6 +66,8 @@ class Recipe:
     lattice_counts: tuple = (0.5, 0.33, 0.17)  # P(1), P(2), P(3) lattices, given a crystal
     p_small_misorientation: float = 0.3  # 2nd/3rd lattice within 0.3-5 deg of the first
     cell_edge: tuple = (20.0, 250.0)  # Angstrom, log-uniform
+    unit_cell: tuple | None = None  # serial-crystallography mode: every crystal has this cell ...
+    crystal_system: str = "triclinic"  # ... and this system
     exposure: tuple = (0.3, 3000.0)  # photon scale, log-uniform
     b_factor: tuple = (5.0, 90.0)
     p_ice: float = 0.15
@@ -178,6 +180,8 @@ def sample_shot(seed: int, recipe: Recipe, geometry: dict | None = None) -> Shot
     if rng.random() >= recipe.p_blank:
         n = 1 + int(rng.choice(3, p=recipe.lattice_counts))
         cell, system = random_cell(rng, recipe.cell_edge)
+        if recipe.unit_cell is not None:
+            cell, system = tuple(float(v) for v in recipe.unit_cell), recipe.crystal_system
         U0 = random_rotation(rng)
         for i in range(n):
             if i == 0:
@@ -394,6 +398,8 @@ def render(shot: ShotParams, frame: DetectorFrame, noise=True) -> SimulatedImage
         intensity = shot.exposure * lat.scale * (1e7 / v_cell) * f2 * np.exp(-0.5 * shot.b_factor * s * s) * pol * partiality
         panel_id, fpx, spx = frame.project(s1_unit)
         on = panel_id >= 0
+        if not on.any():
+            continue
         intensity, fpx, spx, panel_id, s, partiality = intensity[on], fpx[on], spx[on], panel_id[on], s[on], partiality[on]
         centre = frame.offsets[panel_id] + np.floor(spx).astype(np.int64) * np.array([frame.shapes[p][1] for p in panel_id]) + np.floor(fpx).astype(np.int64)
         # photons into a (2 half + 1)^2 window, Gaussian weights normalised per spot

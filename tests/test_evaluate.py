@@ -1,0 +1,158 @@
+"""diffnet.evaluate: metric functions on hand-made predictions, the command, and the DIALS baseline."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dials_diffnet import evaluate
+from dials_diffnet.datasets import LABELS, ShardDataset, write_index, write_shard
+from dials_diffnet.models.resnet import CrystalNet
+from dials_diffnet.weights import save_model
+
+
+def brute_force_auc(scores, truth):
+    pairs = [(p, n) for p, n in itertools.product(scores[truth], scores[~truth])]
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+
+
+def test_roc_auc():
+    truth = np.array([0, 0, 1, 1, 0, 1], bool)
+    perfect = np.array([0.1, 0.2, 0.8, 0.9, 0.3, 0.7])
+    assert evaluate.roc_auc(perfect, truth) == 1.0
+    assert evaluate.roc_auc(-perfect, truth) == 0.0
+    assert evaluate.roc_auc(np.full(6, 0.5), truth) == 0.5  # all tied
+    rng = np.random.default_rng(0)
+    big_truth = rng.random(20000) < 0.3
+    assert evaluate.roc_auc(rng.random(20000), big_truth) == pytest.approx(0.5, abs=0.02)
+    # Ties count one half, as the pairwise definition says.
+    scores = rng.integers(0, 5, 200).astype(float)
+    small_truth = rng.random(200) < 0.4
+    assert evaluate.roc_auc(scores, small_truth) == pytest.approx(brute_force_auc(scores, small_truth))
+    assert np.isnan(evaluate.roc_auc([0.1, 0.2], [True, True]))
+
+
+def test_pearson_and_resolution_metrics():
+    rng = np.random.default_rng(1)
+    a, b = rng.random(50), rng.random(50)
+    assert evaluate.pearson_r(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert evaluate.pearson_r(a, 2 * a + 1) == pytest.approx(1.0)
+    assert np.isnan(evaluate.pearson_r([1.0, 1.0], [1.0, 2.0]))
+    # d true (2, 4), predicted (2, 5): errors 0 and 1 A; relative 0 and 25%.
+    m = evaluate.resolution_metrics([0.5, 0.2], [0.5, 0.25])
+    assert m["n"] == 2
+    assert m["mae_d"] == pytest.approx(0.5)
+    assert m["mae_inv_d"] == pytest.approx(0.025)
+    assert m["median_rel_err_d"] == pytest.approx(0.125)
+    assert m["fraction_within_10pct"] == 0.5
+    assert m["pearson_r_inv_d"] == pytest.approx(1.0) and m["pearson_r_d"] == pytest.approx(1.0)
+    # Edge-limited labels: d 2 A "or better"; predictions 1.8 A, 2.1 A (within 10%) and 3 A.
+    e = evaluate.edge_limited_metrics(1 / np.array([1.8, 2.1, 3.0]), np.full(3, 0.5))
+    assert e["fraction_at_least_as_good"] == pytest.approx(2 / 3)
+    assert e["median_shortfall_rel_d"] == pytest.approx(0.05)
+
+
+def test_binary_metrics_and_bins():
+    m = evaluate.binary_metrics([0.9, 0.8, 0.2, 0.6, 0.1], [True, False, True, False, False])
+    assert m["confusion"] == {"tp": 1, "fp": 2, "fn": 1, "tn": 1}
+    assert m["accuracy"] == pytest.approx(0.4)
+    assert m["precision"] == pytest.approx(1 / 3) and m["recall"] == 0.5
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 / 3) / 2)
+    bins = evaluate.binned_accuracy([True, False, True, True], [0.2, 0.7, 3.0, 180.0], (0, 1, 10, 180))
+    assert [(b["n"], b["accuracy"]) for b in bins] == [(2, 0.5), (1, 1.0), (1, 1.0)]
+
+
+def labels_for(n, rng):
+    is_hit = np.arange(n) % 4 != 0
+    is_multi = is_hit & (np.arange(n) % 2 == 0)
+    s_min = np.where(is_hit, rng.uniform(0.25, 0.7, n), 0.0)
+    return {
+        "s_min": s_min, "d_min": np.where(is_hit, 1 / np.maximum(s_min, 1e-6), np.inf),
+        "edge_limited": is_hit & (np.arange(n) % 7 == 1), "is_hit": is_hit, "is_multi": is_multi,
+        "n_lattices": is_hit.astype(int) + is_multi, "minority_share": np.where(is_multi, 0.3, 0.0),
+        "misorientation_deg": np.where(is_multi, rng.uniform(0, 90, n), np.nan),
+        "detector": np.where(np.arange(n) % 3 == 0, "pilatus6m", "eiger16m"), "seed": np.arange(n),
+    }
+
+
+def test_crystal_metrics_use_the_right_images():
+    rng = np.random.default_rng(2)
+    labels = labels_for(56, rng)
+    hit, edge = labels["is_hit"], labels["edge_limited"]
+    # Perfect on non-edge hits; nonsense on blanks and edge-limited labels, which must not count.
+    s_pred = np.where(hit & ~edge, labels["s_min"], 5.0)
+    predictions = {"s_min": s_pred, "p_multi": np.where(labels["is_multi"], 0.9, 0.1), "p_hit": np.where(hit, 0.8, 0.3)}
+    m = evaluate.crystal_metrics(predictions, labels)
+    assert m["resolution"]["n"] == (hit & ~edge).sum()
+    assert m["resolution"]["median_rel_err_d"] == 0 and m["resolution"]["pearson_r_inv_d"] == pytest.approx(1.0)
+    assert m["resolution_edge_limited"]["n"] == (hit & edge).sum()
+    assert m["resolution_edge_limited"]["fraction_at_least_as_good"] == 1.0  # 0.2 A is better than any label
+    assert m["multi_lattice"]["n"] == hit.sum() and m["multi_lattice"]["accuracy"] == 1.0
+    assert m["hit"]["n"] == 56 and m["hit"]["roc_auc"] == 1.0
+    assert sum(b["n"] for b in m["multi_lattice"]["accuracy_by_misorientation_deg"]) == labels["is_multi"].sum()
+    assert set(m["by_detector"]) == {"pilatus6m", "eiger16m"}
+
+
+def test_compare_with_dials():
+    d_true = np.array([2.0, 3.0, 4.0, 2.5, np.inf])
+    is_hit = np.array([True, True, True, True, False])
+    model_d = np.array([2.0, 3.0, 4.4, 2.5, 9.0])
+    dials = [{"estimated_d_min": d, "n_spots": n} for d, n in ((2.4, 50), (np.nan, 8), (4.0, 30), (3.0, 40), (np.nan, 2))]
+    c = evaluate.compare_with_dials(d_true, is_hit, model_d, [0.9, 0.9, 0.9, 0.9, 0.1], dials)
+    assert c["resolution"]["model"]["n"] == 4 and c["resolution"]["dials"]["n"] == 3
+    assert c["resolution"]["dials"]["fraction_estimated"] == 0.75
+    assert c["resolution"]["model_on_common"]["median_rel_err_d"] == 0.0
+    assert c["resolution"]["dials_on_common"]["median_rel_err_d"] == pytest.approx(0.2)
+    assert c["hit"]["model"]["accuracy"] == 1.0
+    assert c["hit"]["dials"]["confusion"] == {"tp": 3, "fp": 0, "fn": 1, "tn": 1}
+
+
+def test_evaluate_command_writes_json_matching_the_library(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    labels = labels_for(24, rng)
+    write_shard(tmp_path / "shard_00000.npz", rng.normal(size=(24, 2, 64, 64)), labels)
+    write_index(tmp_path, ["shard_00000.npz"], 24, grid=(64, 0.8))
+    torch.manual_seed(0)
+    model = CrystalNet(18, 4)
+    model.eval()
+    save_model(model, {"architecture": {"class": "CrystalNet", "depth": 18, "width": 4, "in_channels": 2}, "grid": [64, 0.8]},
+               tmp_path / "m.safetensors")
+    from diffnet.evaluate import run
+
+    monkeypatch.chdir(tmp_path)
+    run([str(tmp_path), f"model.crystal={tmp_path / 'm.safetensors'}", "batch_size=10"])
+    written = json.loads((tmp_path / "diffnet.evaluate.json").read_text())
+    expected, predictions = evaluate.evaluate_crystal(model, ShardDataset(tmp_path), torch.device("cpu"))
+    assert written["n_images"] == 24 and written["model"]["architecture"]["width"] == 4
+    assert written["hit"]["roc_auc"] == pytest.approx(expected["hit"]["roc_auc"])
+    assert written["resolution"]["mae_d"] == pytest.approx(expected["resolution"]["mae_d"])
+    assert written["multi_lattice"]["confusion"] == expected["multi_lattice"]["confusion"]
+    assert not list(tmp_path.glob("diffnet.evaluate.json.*"))  # no temporary left behind
+    assert set(LABELS) <= set(ShardDataset(tmp_path).labels)
+
+
+def test_evaluate_command_refuses_missing_model(tmp_path):
+    write_shard(tmp_path / "shard_00000.npz", np.zeros((2, 2, 64, 64)), labels_for(2, np.random.default_rng(0)))
+    write_index(tmp_path, ["shard_00000.npz"], 2, grid=(64, 0.8))
+    done = subprocess.run([sys.executable, "-m", "diffnet.evaluate", str(tmp_path), "model.crystal=absent.safetensors"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "missing" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_dials_baseline_on_a_real_image(realdata_dir, tmp_path):
+    subprocess.run(["dials.import", str(realdata_dir / "ximg2701_00001.cbf")], cwd=tmp_path, check=True, capture_output=True)
+    records = evaluate.dials_baseline(tmp_path / "imported.expt", find_spots_args=["spotfinder.mp.nproc=1"])
+    assert len(records) == 1
+    record = records[0]
+    assert record["path"].endswith("ximg2701_00001.cbf") and record["index"] == 0
+    assert record["n_spots"] >= evaluate.DIALS_MIN_SPOTS_FOR_HIT
+    assert np.isfinite(record["estimated_d_min"]) and 0.5 < record["estimated_d_min"] < 5
+    # Given the reflections, it reuses them instead of finding spots again.
+    subprocess.run(["dials.find_spots", "imported.expt", "spotfinder.mp.nproc=1"], cwd=tmp_path, check=True, capture_output=True)
+    again = evaluate.dials_baseline(tmp_path / "imported.expt", tmp_path / "strong.refl")
+    assert again[0]["n_spots"] == record["n_spots"]

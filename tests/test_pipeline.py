@@ -1,0 +1,71 @@
+"""The whole beamline path with the shipped models, on real DIALS:
+simulated stills written as CBF -> dials.import -> dials.find_spots -> diffnet.predict ->
+diffnet.filter -> dials.index on what was kept."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dials_diffnet.weights import shipped_path
+
+CELL = "78,78,38,90,90,90"
+pytestmark = pytest.mark.skipif(not shipped_path("crystal").exists(), reason="no shipped crystal model")
+
+
+def run(*args, cwd):
+    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def ssx_run(tmp_path_factory):
+    """A small serial-crystallography run: one tetragonal protein, random orientations, blanks and multi-lattice shots."""
+    d = tmp_path_factory.mktemp("ssx")
+    run(
+        sys.executable, "-m", "diffnet.simulate", "n_images=12", "seed=7", "recipe.detectors=pilatus2m",
+        f"recipe.unit_cell={CELL}", "recipe.crystal_system=tetragonal", "recipe.p_blank=0.25",
+        "output.directory=images", cwd=d,
+    )
+    run("dials.import", *sorted(p.name for p in (d / "images").glob("shot_*.cbf")), cwd=d / "images")
+    run("dials.find_spots", "images/imported.expt", "nproc=1", cwd=d)
+    run("diffnet.predict", "images/imported.expt", "strong.refl", cwd=d)
+    run("diffnet.filter", "images/imported.expt", "strong.refl", "diffnet.json", cwd=d)
+    return d
+
+
+def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
+    from dxtbx.model.experiment_list import ExperimentListFactory
+    from dials.array_family import flex
+
+    records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
+    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= 0.5 and r["p_multi"] <= 0.5}
+    kept = ExperimentListFactory.from_json_file(str(ssx_run / "filtered.expt"), check_format=True)
+    kept_paths = {e.imageset.get_path(0) for e in kept}
+    assert kept_paths == passing and all(len(e.imageset) == 1 for e in kept)
+    refl = flex.reflection_table.from_file(str(ssx_run / "filtered.refl"))
+    assert set(refl["id"]) == set(range(len(kept)))
+    assert dict(refl.experiment_identifiers()) == {i: e.identifier for i, e in enumerate(kept)}
+
+
+def test_shipped_models_judge_simulated_shots(ssx_run):
+    """Blanks are dropped and kept shots are labelled hits; predicted d_min is near the label."""
+    records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
+    for r in records:
+        labels = json.loads(pathlib.Path(r["path"]).with_suffix(".json").read_text())["labels"]
+        if not labels["is_hit"]:
+            assert r["p_hit"] < 0.5, (r["path"], r["p_hit"])
+        elif not labels["edge_limited"] and r["p_hit"] >= 0.5:
+            assert abs(r["d_min"] - labels["d_min"]) / labels["d_min"] < 0.3, (r["path"], r["d_min"], labels["d_min"])
+
+
+def test_dials_index_runs_on_filtered_output(ssx_run):
+    run(
+        "dials.index", "filtered.expt", "filtered.refl", "stills.indexer=sequences",
+        f"unit_cell={CELL}", "space_group=P4", cwd=ssx_run,
+    )
+    indexed = json.loads((ssx_run / "indexed.expt").read_text())
+    assert len(indexed["crystal"]) >= 1

@@ -1,0 +1,234 @@
+"""diffnet.train on toy shard datasets: reading, splitting, augmentation, loss, learning, checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dials_diffnet.datasets import DatasetError, ShardDataset, ShardSampler, split_indices, write_index, write_shard
+from dials_diffnet.models.resnet import CrystalNet
+from dials_diffnet.train import crystal_loss, fit
+from dials_diffnet.weights import load_model
+
+
+def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compressed=False):
+    """Shards whose answer is visible: a bright ring at radius s_min (grid edge = 0.8 1/A) on hits,
+    40 bright isolated pixels on multi-lattice images, noise everywhere, a validity disk."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    s_of_cell = np.hypot(yy, xx) / (size / 2) * 0.8
+    valid = (s_of_cell < 0.77).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    names, n = [], n_images // n_shards
+    for k in range(n_shards):
+        is_hit = rng.random(n) < 0.8
+        is_multi = is_hit & (rng.random(n) < 0.5)
+        s_min = np.where(is_hit, rng.uniform(0.25, 0.7, n), 0.0)
+        x = np.zeros((n, 2, size, size), np.float32)
+        x[:, 1] = valid
+        for i in range(n):
+            image = rng.normal(0, 0.3, (size, size))
+            if is_hit[i]:
+                image += 3.0 * np.exp(-0.5 * ((s_of_cell - s_min[i]) / 0.01) ** 2)
+            if is_multi[i]:
+                r, c = rng.integers(size // 5, 4 * size // 5, (2, 40))
+                image[r, c] += 6.0
+            x[i, 0] = image * valid
+        labels = {
+            "s_min": s_min,
+            "d_min": np.where(is_hit, 1 / np.maximum(s_min, 1e-6), np.inf),
+            "edge_limited": is_hit & (rng.random(n) < 0.1),
+            "is_hit": is_hit,
+            "is_multi": is_multi,
+            "n_lattices": is_hit.astype(int) + is_multi,
+            "minority_share": np.where(is_multi, rng.uniform(0.1, 0.5, n), 0.0),
+            "misorientation_deg": np.where(is_multi, rng.uniform(0, 90, n), np.nan),
+            "detector": np.array(["toy"] * n),
+            "seed": 1000 * seed + k * n + np.arange(n),
+        }
+        name = f"shard_{k:05d}.npz"
+        write_shard(directory / name, x, labels)
+        if compressed:  # what np.savez_compressed would have written
+            with np.load(directory / name) as z:
+                arrays = dict(z)
+            np.savez_compressed(directory / name, **arrays)
+        names.append(name)
+    recipe = {"kind": "toy", "seed": seed, "labels": {"s_min": "ring radius in the toy grid"}}
+    write_index(directory, names, n * n_shards, recipe=recipe, grid=(size, 0.8))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def toy256(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy256", n_images=128, size=256)
+
+
+@pytest.fixture(scope="module")
+def toy128(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy128", n_images=128, size=128, seed=2)
+
+
+@pytest.fixture(scope="module")
+def toy64(tmp_path_factory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy64", n_images=32, size=64, seed=1)
+
+
+def test_shards_memory_map_and_compressed_shards_read_the_same(toy64, tmp_path):
+    mapped = ShardDataset(toy64)
+    packed = ShardDataset(make_toy_dataset(tmp_path / "packed", n_images=32, size=64, seed=1, compressed=True))
+    assert mapped.memory_mapped() and not packed.memory_mapped()
+    assert len(mapped) == len(packed) == 32 and mapped.grid == (64, 0.8)
+    for i in (0, 17, 31):  # the second shard starts at 16
+        (xa, la), (xb, lb) = mapped[i], packed[i]
+        assert xa.dtype == torch.float16 and xa.shape == (2, 64, 64)
+        assert torch.equal(xa, xb) and all(torch.equal(la[k], lb[k]) for k in la)
+    # A windowed sampler visits every item once and keeps shards together.
+    order = list(ShardSampler(packed, seed=3, window=1))
+    assert sorted(order) == list(range(32))
+    shard = packed.shard_of_items()[order]
+    assert (np.diff(shard) != 0).sum() == 1
+
+
+def test_split_is_seeded_per_image_and_disjoint(toy256):
+    data = ShardDataset(toy256)
+    train, val = split_indices(data, 0.25, seed=7)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == len(data)
+    assert 0.1 < len(val) / len(data) < 0.4
+    again = split_indices(data, 0.25, seed=7)
+    assert np.array_equal(again[1], val)
+    assert not np.array_equal(split_indices(data, 0.25, seed=8)[1], val)
+    # Decided by each image's seed, so it does not depend on which shards are read.
+    one_shard = ShardDataset(toy256).subset(np.arange(64))
+    seeds_val = set(data.labels_all["seed"][val])
+    _, val_first = split_indices(one_shard, 0.25, seed=7)
+    assert set(data.labels_all["seed"][val_first[val_first < 64]]) == {s for s in seeds_val if s < 64}
+
+
+def test_augmentation_is_a_symmetry_of_the_grid_and_repeatable(toy64):
+    plain, augmented = ShardDataset(toy64), ShardDataset(toy64, augment=True, seed=5)
+    x, labels = plain[3]
+    seen = set()
+    for epoch in range(12):
+        augmented.set_epoch(epoch)
+        y, labels_y = augmented[3]
+        assert all(torch.equal(labels[k], labels_y[k]) for k in labels)
+        # Some rotation/flip of the original, exactly.
+        candidates = [torch.rot90(x, k, (1, 2)) for k in range(4)]
+        candidates += [torch.flip(c, (2,)) for c in candidates]
+        matches = [i for i, c in enumerate(candidates) if torch.equal(c, y)]
+        assert matches
+        seen.add(matches[0])
+        augmented.set_epoch(epoch)
+        assert torch.equal(augmented[3][0], y)  # same (seed, epoch, image) -> same draw
+    assert len(seen) >= 3
+
+
+def test_bad_datasets_are_refused(tmp_path, toy64):
+    with pytest.raises(DatasetError, match="no index.json"):
+        ShardDataset(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"representation_version": 99, "grid": [64, 0.8], "shards": []}))
+    with pytest.raises(DatasetError, match="representation version 99"):
+        ShardDataset(tmp_path)
+    index = json.loads((toy64 / "index.json").read_text())
+    index["shards"].append("shard_00009.npz")
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match="missing"):
+        ShardDataset(tmp_path)
+
+
+def test_loss_resolution_only_on_hits_and_one_sided_at_the_edge():
+    def loss_of(s_pred, s_label, edge, hit):
+        outputs = {"s_min": torch.tensor([s_pred]), "multi_logit": torch.tensor([2.0]), "hit_logit": torch.tensor([0.0])}
+        labels = {"s_min": torch.tensor([s_label]), "edge_limited": torch.tensor([edge]),
+                  "is_hit": torch.tensor([hit]), "is_multi": torch.tensor([False])}
+        return crystal_loss(outputs, labels)[1]
+
+    assert loss_of(0.5, 0.5, False, True)["resolution"] == 0
+    assert loss_of(0.6, 0.5, False, True)["resolution"] > 0  # better than the label: wrong when not edge-limited
+    assert loss_of(0.6, 0.5, True, True)["resolution"] == 0  # edge-limited: at least as good costs nothing
+    assert loss_of(0.4, 0.5, True, True)["resolution"] == pytest.approx(loss_of(0.4, 0.5, False, True)["resolution"])
+    blank = loss_of(0.4, 0.0, False, False)  # blanks: no resolution or multi-lattice loss, only hit loss
+    assert blank["resolution"] == 0 and blank["multi"] == 0 and blank["hit"] > 0
+    assert loss_of(0.4, 0.5, False, True)["multi"] > 0
+
+
+def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, monkeypatch):
+    from diffnet.train import run
+
+    monkeypatch.chdir(tmp_path)
+    run([str(toy128), "model.width=8", "threads=1", "epochs=6", "batch_size=16", "lr=3e-3", "val_fraction=0.2", "seed=1",
+         "output.weights=toy.safetensors"])
+    model, card = load_model(tmp_path / "toy.safetensors")
+    history = card["training"]["history"]
+    assert len(history) == 6
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert card["validation"]["resolution"]["pearson_r_inv_d"] > 0.8
+    assert card["validation"]["hit"]["accuracy"] > 0.8
+    assert card["architecture"] == {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": 2}
+    assert card["labels"] == {"s_min": "ring radius in the toy grid"}  # taken from the dataset recipe
+    assert card["training"]["data"][0]["recipe"]["seed"] == 2 and card["training"]["seed"] == 1
+    assert card["training"]["wall_time_s"] > 0 and card["training"]["device"].startswith("cpu")
+    assert (tmp_path / "diffnet.train.checkpoint" / "last.json").is_file()
+    # The loaded weights reproduce the card's validation figures.
+    from dials_diffnet.evaluate import evaluate_crystal
+
+    data = ShardDataset(toy128)
+    metrics, _ = evaluate_crystal(model, data.subset(split_indices(data, 0.2, 1)[1]), torch.device("cpu"))
+    assert metrics["resolution"]["pearson_r_inv_d"] == pytest.approx(card["validation"]["resolution"]["pearson_r_inv_d"], abs=1e-4)
+
+
+def test_resume_after_interruption_matches_uninterrupted_training(toy64, tmp_path):
+    torch.set_num_threads(1)
+
+    def train(checkpoint_dir, resume=False, stop_after_steps=None):
+        torch.manual_seed(0)
+        data = ShardDataset(toy64, augment=True, seed=0)
+        train_idx, val_idx = split_indices(data, 0.25, 0)
+        train_set = data.subset(train_idx)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=8, sampler=ShardSampler(train_set, 0))
+        val_loader = torch.utils.data.DataLoader(data.subset(val_idx, augment=False), batch_size=8)
+        model = CrystalNet(18, 4)
+        steps = []
+
+        def loss_fn(outputs, labels):
+            if torch.is_grad_enabled():
+                steps.append(1)
+                if stop_after_steps is not None and len(steps) > stop_after_steps:
+                    raise KeyboardInterrupt
+            return crystal_loss(outputs, labels)
+
+        result = fit(model, loss_fn, loader, val_loader, epochs=3, lr=2e-3, checkpoint_dir=checkpoint_dir,
+                     resume=resume, config={"test": 1, "epochs": 3})
+        return model, result
+
+    reference, ref_result = train(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", stop_after_steps=5)  # 3 steps per epoch: dies inside epoch 2
+    assert json.loads((tmp_path / "b" / "last.json").read_text())["epoch"] == 1
+    resumed, result = train(tmp_path / "b", resume=True)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert result["history"][-1]["val_loss"] == ref_result["history"][-1]["val_loss"]
+    # Resuming with other settings is refused.
+    with pytest.raises(ValueError, match="other settings"):
+        fit(CrystalNet(18, 4), crystal_loss, [], None, epochs=3, checkpoint_dir=tmp_path / "b", resume=True, config={"test": 2})
+
+
+def test_command_line_errors_are_one_line(tmp_path, toy64):
+    from dials.util import Sorry
+
+    from diffnet.train import run
+
+    for args, message in ((["nonsense=1"], "nonsense"), ([str(toy64), "model.depth=20"], "choose one of"),
+                          ([str(toy64), "device=cuda:99"], "no CUDA device")):
+        with pytest.raises(Sorry, match=message):
+            run(args)
+    done = subprocess.run([sys.executable, "-m", "diffnet.train", f"data.train={tmp_path}"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "no index.json" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
