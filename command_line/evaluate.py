@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import sys
-
-# Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made training 3-4x
-# slower (resnet18 width 16, 2 threads, load ~6 on 2 cores: 4.3 -> 15.9 images/s). Must be set
-# before torch loads; an explicit environment setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import libtbx.phil
 

@@ -47,6 +47,8 @@ def recipe_from(params) -> Recipe:
         p_blank=params.recipe.p_blank,
         lattice_counts=tuple(v / total for v in params.recipe.lattice_counts),
         images_per_geometry=params.recipe.images_per_geometry,
+        unit_cell=tuple(params.recipe.unit_cell) if params.recipe.unit_cell else None,
+        crystal_system=params.recipe.crystal_system,
     )
 
 
