@@ -24,9 +24,15 @@ separately), multi-lattice and hit classification (accuracy, precision,
 recall, ROC AUC, confusion; multi-lattice recall against misorientation and
 the weaker lattice's share). Writes diffnet.evaluate.json and prints a table.
 
+With predictions=diffnet.json (from diffnet.predict on diffnet.simulate CBF
+images) it judges those predictions against the simulation labels, and with
+dials_baseline=True compares with DIALS's own per-image estimate.
+
 Examples::
 
   diffnet.evaluate sim/test
+
+  diffnet.evaluate predictions=diffnet.json dials_baseline=True
 
   diffnet.evaluate data=sim/test_eiger model.crystal=crystal.safetensors
 """
@@ -43,6 +49,8 @@ def run(args=None, phil=working_phil):
     log.config(verbosity=options.verbose, logfile=params.output.log)
     if parser.diff_phil.as_str():
         logger.info("The following parameters have been modified:\n%s", parser.diff_phil.as_str())
+    if params.predictions:
+        return evaluate_predictions(params)
     if not params.data:
         parser.print_help()
         return
@@ -74,6 +82,26 @@ def run(args=None, phil=working_phil):
 
     logger.info("\nModel %s on %d images from %s\n", weights, metrics["n_images"], ", ".join(params.data))
     logger.info(evaluate.format_tables(metrics))
+    logger.info("\nSaved metrics to %s", params.output.json)
+
+
+def evaluate_predictions(params):
+    from dials_diffnet import evaluate
+
+    try:
+        metrics, rows = evaluate.evaluate_records(params.predictions, with_dials=params.dials_baseline)
+        evaluate.write_json(params.output.json, {"predictions": str(params.predictions), "metrics": metrics, "images": rows})
+    except (ValueError, OSError, RuntimeError) as e:
+        raise Sorry(str(e)) from None
+    logger.info(evaluate.format_records_table(rows))
+    logger.info("\n" + evaluate.format_tables(metrics))
+    if "against_dials" in metrics:
+        against = metrics["against_dials"]["resolution"]
+        logger.info(
+            "\nResolution on images both estimated: model r(1/d) %.3f, median |dd|/d %.3f; DIALS r(1/d) %.3f, median |dd|/d %.3f",
+            against["model_on_common"]["pearson_r_inv_d"], against["model_on_common"]["median_rel_err_d"],
+            against["dials_on_common"]["pearson_r_inv_d"], against["dials_on_common"]["median_rel_err_d"],
+        )
     logger.info("\nSaved metrics to %s", params.output.json)
 
 

@@ -304,6 +304,62 @@ def compare_with_dials(d_true, is_hit, model_d_min, model_p_hit, dials_records, 
     }
 
 
+def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
+    """Predictions in a diffnet.json against the labels the simulator wrote next to each image
+    (`shot_NNNNN.json`), and, with `with_dials`, DIALS's own per-image judgement of the same images.
+
+    Returns (metrics, per-image rows).
+    """
+    from dials_diffnet.results import read_json
+
+    document, records = read_json(records_path)
+    rows = []
+    for r in records:
+        label_file = pathlib.Path(r.path).with_suffix(".json")
+        if not label_file.is_file():
+            raise ValueError(f"no simulation labels next to {r.path} (expected {label_file.name})")
+        labels = json.loads(label_file.read_text())["labels"]
+        rows.append({"path": r.path, "ok": r.ok, "d_min": r.d_min, "p_hit": r.p_hit, "p_multi": r.p_multi, **{f"label_{k}": v for k, v in labels.items()}})
+    ok = np.array([row["ok"] for row in rows], bool)
+    if not ok.any():
+        raise ValueError(f"no successfully judged image in {records_path}")
+    good = [row for row in rows if row["ok"]]
+
+    def column(key, dtype=np.float64):
+        return np.array([row[key] for row in good], dtype)
+
+    predictions = {"s_min": 1.0 / column("d_min"), "p_multi": column("p_multi"), "p_hit": column("p_hit")}
+    labels = {
+        "s_min": column("label_s_min"), "is_hit": column("label_is_hit", bool), "edge_limited": column("label_edge_limited", bool),
+        "is_multi": column("label_is_multi", bool),
+    }
+    metrics = {"n_failed": int((~ok).sum()), **crystal_metrics(predictions, labels, summary_only=True)}
+    if with_dials:
+        by_path = {rec["path"]: rec for rec in dials_baseline(document["inputs"]["experiments"])}
+        dials_rows = [by_path[row["path"]] for row in good]
+        for row, rec in zip(good, dials_rows):
+            row["dials_d_min"], row["dials_n_spots"] = rec["estimated_d_min"], rec["n_spots"]
+        metrics["against_dials"] = compare_with_dials(
+            column("label_d_min"), labels["is_hit"], column("d_min"), predictions["p_hit"], dials_rows, labels["edge_limited"]
+        )
+    return metrics, rows
+
+
+def format_records_table(rows) -> str:
+    from dials.util import tabulate
+
+    def f(v, spec=".2f"):
+        return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+    table = [
+        [pathlib.Path(r["path"]).name, f(r["label_d_min"]), f(r["d_min"]), f(r.get("dials_d_min")),
+         "yes" if r["label_is_hit"] else "no", f(r["p_hit"]), "yes" if r["label_is_multi"] else "no", f(r["p_multi"])]
+        for r in rows
+    ]
+    headers = ["image", "d_min label", "d_min model", "d_min DIALS", "hit label", "P(hit)", "multi label", "P(multi)"]
+    return tabulate(table, headers=headers)
+
+
 # ---------------------------------------------------------------- output
 
 

@@ -17,5 +17,5 @@ diffnet.predict imported.expt
 diffnet.filter imported.expt diffnet.json max_p_multi=0.5 min_p_hit=0.5
 dials.find_spots filtered.expt nproc=2
 dials.index filtered.expt strong.refl stills.indexer=sequences unit_cell=$cell space_group=P4
-python -m diffnet.compare diffnet.json images
+diffnet.evaluate predictions=diffnet.json dials_baseline=True
 echo "Demo outputs are in $work"

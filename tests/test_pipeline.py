@@ -69,3 +69,14 @@ def test_dials_index_runs_on_filtered_output(ssx_run):
     )
     indexed = json.loads((ssx_run / "indexed.expt").read_text())
     assert len(indexed["crystal"]) >= 1
+
+
+def test_evaluate_against_labels_and_dials(ssx_run):
+    run(sys.executable, "-m", "diffnet.evaluate", "predictions=diffnet.json", "dials_baseline=True", cwd=ssx_run)
+    result = json.loads((ssx_run / "diffnet.evaluate.json").read_text())
+    images = result["images"]
+    assert len(images) == 12 and all("label_d_min" in row and "dials_n_spots" in row for row in images)
+    hits = result["metrics"]["against_dials"]["hit"]
+    assert hits["model"]["n"] == hits["dials"]["n"] == 12
+    # a hit needs 10 detectable spots; DIALS must find at least that many on most labelled hits
+    assert hits["dials"]["recall"] >= 0.5
