@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export LIBTBX_BUILD := /usr/lib/cctbx/python3.11
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test train-crystal train-spi clean
 
 $(VENV)/.dials:
 	@if ! /usr/bin/python3 -c "import dials, dxtbx" >/dev/null 2>&1; then \
@@ -30,6 +30,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Reproduce the shipped models (hours on 2 CPU cores; see dials_diffnet/weights/*.json).
+train-crystal: setup
+	bash scripts/train_crystal.sh
+
+train-spi: setup
+	bash scripts/train_spi.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -81,6 +81,18 @@ def load_model(weights_path, device="cpu"):
     return model.to(device).eval(), card
 
 
+def attach_evaluation(weights_path, name: str, command: str, metrics: dict) -> dict:
+    """Record an evaluation (the command that made it and its figures) in a model's card.
+
+    The weights are untouched, so the card's checksum stays valid.
+    """
+    cpath = card_path(weights_path)
+    card = json.loads(cpath.read_text())
+    card.setdefault("evaluation", {})[name] = {"command": command, "metrics": metrics}
+    _atomic_write_text(cpath, json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card
+
+
 def shipped_path(name: str) -> pathlib.Path:
     return SHIPPED_DIR / f"{name}.safetensors"
 
