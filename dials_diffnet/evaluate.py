@@ -306,7 +306,8 @@ def compare_with_dials(d_true, is_hit, model_d_min, model_p_hit, dials_records, 
 
 def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
     """Predictions in a diffnet.json against the labels the simulator wrote next to each image
-    (`shot_NNNNN.json`), and, with `with_dials`, DIALS's own per-image judgement of the same images.
+    (`shot_NNNNN.json`), and, with `with_dials`, DIALS's own per-image judgement of the same images
+    (from the reflections diffnet.predict was given, else a fresh dials.find_spots).
 
     Returns (metrics, per-image rows).
     """
@@ -335,7 +336,9 @@ def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
     }
     metrics = {"n_failed": int((~ok).sum()), **crystal_metrics(predictions, labels, summary_only=True)}
     if with_dials:
-        by_path = {rec["path"]: rec for rec in dials_baseline(document["inputs"]["experiments"])}
+        # the strong spots diffnet.predict was given, if any: DIALS judged from the same spot finding
+        inputs = document["inputs"]
+        by_path = {rec["path"]: rec for rec in dials_baseline(inputs["experiments"], inputs.get("reflections"))}
         dials_rows = [by_path[row["path"]] for row in good]
         for row, rec in zip(good, dials_rows):
             row["dials_d_min"], row["dials_n_spots"] = rec["estimated_d_min"], rec["n_spots"]
