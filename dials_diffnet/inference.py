@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from typing import Protocol
 
@@ -23,7 +24,7 @@ import torch
 from dials.util import Sorry, progress
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from dials_diffnet.images import iter_image_refs, read_image
+from dials_diffnet.images import beam_geometry, detector_geometry, iter_image_refs, read_image
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
 from dials_diffnet.util import one_line
@@ -91,11 +92,14 @@ class CrystalTask:
     def __init__(self, weights_path, device="cpu"):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model, summary = load_task_model(weights_path, self.device)
+        # channels-last convolutions run ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.models = {"crystal": summary}
 
     def predict_batch(self, x: torch.Tensor) -> list[dict]:
         with torch.inference_mode(), autocast(self.device):
-            out = self.model(x.to(self.device, non_blocking=True))
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = self.model(x)
         s_min = out["s_min"].float().clamp_min(MIN_S_MIN).cpu().numpy()
         p_multi = torch.sigmoid(out["multi_logit"].float()).cpu().numpy()
         p_hit = torch.sigmoid(out["hit_logit"].float()).cpu().numpy()
@@ -125,22 +129,28 @@ def make_task(name: str, params, device: str) -> Task:
 
 
 def image_failure(raw, trusted_max, max_saturated_fraction: float) -> str | None:
-    """Why an image cannot be judged, or None. `trusted_max`: per-panel upper trusted values."""
-    values = np.concatenate([np.asarray(p).ravel() for p in raw.pixels])
-    valid = np.concatenate([np.asarray(v).ravel() for v in raw.valid])
-    finite = np.isfinite(values)
-    if not finite.any():
+    """Why an image cannot be judged, or None. `trusted_max`: per-panel upper trusted values.
+
+    Counted panel by panel, without concatenating or masking copies: this runs on every image.
+    """
+    n_finite = n_finite_nonzero = n_valid = n_at_max = 0
+    for pixels, valid, hi in zip(raw.pixels, raw.valid, trusted_max):
+        pixels, valid = np.asarray(pixels), np.asarray(valid)
+        finite = np.isfinite(pixels)
+        with np.errstate(invalid="ignore"):  # NaN compares False, quietly
+            at_max = valid & (pixels >= hi)
+        n_finite += np.count_nonzero(finite)
+        n_finite_nonzero += np.count_nonzero(finite & (pixels != 0))
+        n_valid += np.count_nonzero(valid)
+        n_at_max += np.count_nonzero(at_max)
+    if n_finite == 0:
         return "no finite pixel values (NaN/inf everywhere)"
-    if not np.any(values[finite] != 0):
+    if n_finite_nonzero == 0:
         return "all pixels are zero"
-    n_valid = int(valid.sum())
     if n_valid == 0:
         return "no valid pixels (all masked or outside the trusted range)"
-    at_max = np.concatenate(
-        [np.asarray(p).ravel()[np.asarray(v).ravel()] >= hi for p, v, hi in zip(raw.pixels, raw.valid, trusted_max)]
-    )
-    if at_max.sum() > max_saturated_fraction * n_valid:
-        return f"saturated: {at_max.mean():.0%} of valid pixels at the trusted maximum"
+    if n_at_max > max_saturated_fraction * n_valid:
+        return f"saturated: {n_at_max / n_valid:.0%} of valid pixels at the trusted maximum"
     return None
 
 
@@ -219,6 +229,8 @@ class ImageDataset(torch.utils.data.Dataset):
         imageset, index = source
         try:
             raw = read_image(imageset, index)
+            # dxtbx keeps each ImageSet's last image: with one ImageSet per still that is every image read
+            imageset.clear_cache()
             trusted_max = [p.get_trusted_range()[1] for p in imageset.get_detector(index)]
             failure = image_failure(raw, trusted_max, self.max_saturated_fraction)
             if failure:
@@ -236,31 +248,94 @@ def _fresh_worker_sources(_worker_id):
     torch.utils.data.get_worker_info().dataset.forget_sources()
 
 
-def _collate(items):
-    indices, tensors, failures = zip(*items)
-    return list(indices), torch.stack(tensors), list(failures)
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the model on n threads, so the readers keep the other cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prewarm_grid_maps(refs, grid: GridSpec, max_geometries: int = 4) -> None:
+    """Build the grid map of each of the first few geometries here, before the readers fork.
+
+    Forked readers inherit the cache, so a 6M-pixel map (seconds) is built once,
+    not once per reader. Purely an optimisation: a geometry that cannot be read is skipped.
+    """
+    seen_models, built = set(), set()
+    for ref in refs:
+        try:
+            detector, beam = ref.imageset.get_detector(ref.index), ref.imageset.get_beam(ref.index)
+        except Exception:
+            continue
+        if (id(detector), id(beam)) in seen_models:
+            continue
+        seen_models.add((id(detector), id(beam)))
+        key = (detector_geometry(detector), beam_geometry(beam))
+        if key not in built:
+            cached_grid_map(*key, grid)
+            built.add(key)
+            if len(built) == max_geometries:
+                return
+
+
+def _batches(items, batch_size: int):
+    """Consecutive items grouped into lists of up to batch_size."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_saturated_fraction=0.5) -> list[ImageRecord]:
-    """One record per ref (refs = list(iter_image_refs(experiments)) of the experiments in expt_path)."""
+    """One record per ref (refs = list(iter_image_refs(experiments)) of the experiments in expt_path).
+
+    Readers hand over one image at a time (so work spreads evenly over them and few
+    images are in flight); the model sees batches of batch_size assembled here.
+    """
     refs = list(refs)
     dataset = ImageDataset(expt_path, len(refs), task.grid, max_saturated_fraction)
+    forked = nproc > 0 and torch.multiprocessing.get_start_method() == "fork"
+    if forked:
+        prewarm_grid_maps(refs, task.grid)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=None,  # per image; batching happens below
         shuffle=False,
         num_workers=nproc,
-        collate_fn=_collate,
-        pin_memory=task.device.type == "cuda",
         worker_init_fn=_fresh_worker_sources if nproc > 0 else None,
+        prefetch_factor=4 if nproc > 0 else None,
     )
+    # On CUDA, batches are assembled in page-locked memory so the copy to the GPU runs asynchronously.
+    # Reusing the buffer is safe: predict_batch returns host values, so its copy has finished by then.
+    pinned = None
+    if task.device.type == "cuda":
+        pinned = torch.empty((batch_size, N_CHANNELS, task.grid.size, task.grid.size)).pin_memory()
+    threads = max(1, available_cores() - nproc) if nproc > 0 else torch.get_num_threads()
     records: list[ImageRecord | None] = [None] * len(refs)
-    with progress(total=len(refs), desc="diffnet", unit="image") as bar:
-        for indices, x, failures in loader:
+    with torch_threads(threads), progress(total=len(refs), desc="diffnet", unit="image") as bar:
+        for batch in _batches(loader, batch_size):
+            indices, tensors, failures = zip(*batch)
             good = [k for k, f in enumerate(failures) if not f]
-            fields = task.predict_batch(x[good]) if good else []
-            for k, f in zip(good, fields):
-                records[indices[k]] = predicted_record(refs[indices[k]], f)
+            if good:
+                x = [tensors[k] for k in good]
+                x = torch.stack(x) if pinned is None else torch.stack(x, out=pinned[: len(good)])
+                for k, f in zip(good, task.predict_batch(x)):
+                    records[indices[k]] = predicted_record(refs[indices[k]], f)
             for k, failure in enumerate(failures):
                 if failure:
                     records[indices[k]] = failed_record(refs[indices[k]], failure)

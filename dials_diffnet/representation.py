@@ -60,6 +60,11 @@ class BeamGeometry:
     wavelength: float  # Angstrom
 
 
+def _length(v: np.ndarray) -> np.ndarray:
+    """|v| over the last axis (of 3): the same bits as np.linalg.norm(v, axis=-1), several times faster."""
+    return np.sqrt(v[..., 0] * v[..., 0] + v[..., 1] * v[..., 1] + v[..., 2] * v[..., 2])
+
+
 def pixel_q(panel: PanelGeometry, beam: BeamGeometry):
     """Scattering vectors q = s1 - s0 (1/Angstrom) at every pixel centre, shape (n_slow, n_fast, 3)."""
     nf, ns = panel.image_size
@@ -70,7 +75,7 @@ def pixel_q(panel: PanelGeometry, beam: BeamGeometry):
         + s[:, None, None] * np.asarray(panel.slow)[None, None, :]
         + f[None, :, None] * np.asarray(panel.fast)[None, None, :]
     )
-    unit_s1 = xyz / np.linalg.norm(xyz, axis=2, keepdims=True)
+    unit_s1 = xyz / _length(xyz)[..., None]
     unit_s0 = np.asarray(beam.direction, dtype=np.float64)
     unit_s0 = unit_s0 / np.linalg.norm(unit_s0)
     return (unit_s1 - unit_s0) / beam.wavelength
@@ -111,7 +116,7 @@ def build_grid_map(
     for panel in panels:
         q = pixel_q(panel, beam)
         shapes.append(q.shape[:2])
-        s = np.linalg.norm(q, axis=2)
+        s = _length(q)
         # grid position: radius |q|, azimuth of q's projection perpendicular to the beam
         phi = np.arctan2(q @ e2, q @ e1)
         col = np.floor((s * np.cos(phi) + grid.s_max) / grid.cell).astype(np.int64)
