@@ -6,12 +6,14 @@ import importlib.metadata
 import logging
 import os
 
+import libtbx
+
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 from dials.util.version import dials_version
 
 from dials_diffnet.images import iter_image_refs
-from dials_diffnet.inference import make_task, predict_images
+from dials_diffnet.inference import available_cores, make_task, predict_images
 from dials_diffnet.results import (
     annotate_reflections,
     check_reflections_belong,
@@ -95,6 +97,8 @@ def predict(params, experiments, expt_path):
     task = make_task(params.task, params, params.device)
     logger.info(f"Task {task.name} on {task.device}: " + ", ".join(f"{m['name']} {m['version']}" for m in task.models.values()))
     refs = list(iter_image_refs(experiments))
+    if params.nproc in (None, libtbx.Auto):
+        params.nproc = max(1, available_cores() // 2)
     logger.info(f"Judging {len(refs)} images, batch_size={params.batch_size}, nproc={params.nproc}")
     records = predict_images(
         task,

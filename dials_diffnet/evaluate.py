@@ -251,6 +251,9 @@ def dials_baseline(experiments_path, reflections_path=None, find_spots_args=()) 
     records = []
     for i_expt, experiment in enumerate(experiments):
         selected = reflections.select(reflections["id"] == i_expt)
+        # mapping to reciprocal space only touches reflections whose id indexes the list given
+        selected["id"] = flex.int(len(selected), 0)
+        selected.clean_experiment_identifiers_map()
         selected.centroid_px_to_mm(ExperimentList([experiment]))
         selected.map_centroids_to_reciprocal_space(ExperimentList([experiment]))
         stats = per_image_analysis.stats_per_image(experiment, selected, resolution_analysis=True)

@@ -46,6 +46,7 @@ def save_model(model: torch.nn.Module, card: dict, weights_path) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = weights_path.with_name(weights_path.name + ".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)
     if tmp.stat().st_size > MAX_FILE_BYTES:
         tmp.unlink()
         raise WeightError(f"{weights_path.name} would exceed {MAX_FILE_BYTES} bytes")
