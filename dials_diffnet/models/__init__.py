@@ -1,9 +1,11 @@
 """Network definitions only. `build(architecture)` makes a model from a model card's architecture dict."""
 
 from dials_diffnet.models.resnet import CrystalNet
+from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 
 # class name -> constructor; a card's "architecture" dict is {"class": name, **constructor kwargs}
 ARCHITECTURES = {"CrystalNet": CrystalNet}
+ARCHITECTURES.update(SpiMultiNet=SpiMultiNet, SpiTwinNet=SpiTwinNet)
 
 
 def build(architecture: dict):

@@ -1,0 +1,98 @@
+"""Networks for XFEL single-particle imaging (SPI) patterns on the SPI_GRID representation.
+
+`PattersonChannel` is a fixed physics layer in front of the convolutions: the
+magnitude of the 2-D Fourier transform of the pattern (log intensity, validity-
+masked, Hann-windowed), i.e. the autocorrelation of the projected particle
+cluster. Every pair of particles in the beam puts a pair of peaks at +-its
+separation vector; a single particle gives only the central blob. Counting those
+peaks is easier than counting interleaved fringe systems in the pattern itself.
+
+`SpiTrunk` is a compact VGG-like stack of ten 3x3 convolutions (Simonyan &
+Zisserman 2014; the 10-layer late-branching multi-output CNN of Cai & Liu 2021
+is the same idea): five stages of two conv-BN-ReLU layers, the first layer
+strided, 2x2 max pooling between stages, then global average and max pooling.
+`SpiMultiNet` branches late, after the whole trunk, into a particle-count head
+(4 classes: 1-4 particles) and a particle-type head. `SpiTwinNet` maps a pattern
+to an L2-normalised embedding for the triplet loss and few-shot classification.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv(c_in, c_out, stride=1):
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class PattersonChannel(nn.Module):
+    """Appends log1p|FFT| of channel 0 (x validity, minus its valid mean, Hann window), centred, scaled to max 1."""
+
+    def forward(self, x):
+        size = x.shape[-1]
+        window = torch.hann_window(size, periodic=False, device=x.device, dtype=x.dtype)
+        valid = x[:, 1]
+        level = (x[:, 0] * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
+        img = (x[:, 0] - level) * valid * window[:, None] * window[None, :]
+        spectrum = torch.log1p(torch.fft.fftshift(torch.fft.fft2(img).abs(), dim=(-2, -1)))
+        spectrum = spectrum / spectrum.amax((1, 2), keepdim=True).clamp_min(1e-6)
+        return torch.cat([x, spectrum[:, None]], dim=1)
+
+
+class SpiTrunk(nn.Module):
+    """Ten conv layers, (B, in_channels, S, S) -> (B, n_features); S = 128 leaves a 4 x 4 map."""
+
+    def __init__(self, width=8, in_channels=2, patterson=True):
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 8 * width, 8 * width]
+        self.patterson = PattersonChannel() if patterson else nn.Identity()
+        layers, c_in = [], in_channels + int(patterson)
+        for stage, c in enumerate(widths):
+            layers += _conv(c_in, c, stride=2 if stage == 0 else 1) + _conv(c, c)
+            if stage < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.n_features = 2 * c_in
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        y = self.features(self.patterson(x))
+        return torch.cat([y.mean(dim=(2, 3)), y.amax(dim=(2, 3))], dim=1)
+
+
+def _head(n_in, n_out, hidden=64):
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, n_out))
+
+
+class SpiMultiNet(nn.Module):
+    """Multi-output CNN: logits for the particle count (index 0..3 = 1..4 particles) and the particle type."""
+
+    OUTPUTS = ("count_logits", "type_logits")
+
+    def __init__(self, n_types=8, n_counts=4, width=8, in_channels=2, patterson=True):
+        super().__init__()
+        self.trunk = SpiTrunk(width, in_channels, patterson)
+        self.count_head = _head(self.trunk.n_features, n_counts)
+        self.type_head = _head(self.trunk.n_features, n_types)
+
+    def forward(self, x):
+        f = self.trunk(x)
+        return {"count_logits": self.count_head(f), "type_logits": self.type_head(f)}
+
+
+class SpiTwinNet(nn.Module):
+    """Twin (Siamese) embedding network: a pattern -> unit vector of size `embedding_size`."""
+
+    def __init__(self, embedding_size=32, width=8, in_channels=2, patterson=True):
+        super().__init__()
+        self.trunk = SpiTrunk(width, in_channels, patterson)
+        self.project = nn.Sequential(
+            nn.Linear(self.trunk.n_features, 128), nn.ReLU(inplace=True), nn.Linear(128, embedding_size)
+        )
+
+    def forward(self, x):
+        return nn.functional.normalize(self.project(self.trunk(x)), dim=1)

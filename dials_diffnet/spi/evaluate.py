@@ -1,0 +1,254 @@
+"""Evaluate the SPI models with the poster's protocol; prints tables and writes JSON.
+
+    python -m dials_diffnet.spi.evaluate [--weights DIR] [--cache DIR] [--json FILE] [--sweep] [--update-cards]
+
+1. Multi-output CNN on held-out test sets (seen particle types, unseen seeds and
+   unseen detector geometries), clean and noisy: test accuracy (count and type both
+   right), count accuracy, particle accuracy.
+2. Twin network on particle types never seen in training: for each type, 5 support
+   patterns per class drawn from that type's own shots, the rest are queries,
+   nearest-prototype classification, averaged over random support draws. Reported:
+   single-vs-multi accuracy with 4 count classes as support (a query is "single" when
+   its nearest prototype is the 1-particle one), and with two support classes
+   (5 singles, 5 multiples of mixed counts).
+3. Optional sweep of embedding size x margin, reduced to fit a CPU: on the shipped twin's
+   frozen trunk, a fresh projection head per (size, margin), scored as in 2.
+4. CPU inference rate: model only, and representation + model from a detector frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import time
+
+import numpy as np
+import torch
+
+from dials_diffnet.spi.fewshot import FewShotClassifier
+from dials_diffnet.spi.particles import UNSEEN_TYPES
+from dials_diffnet.spi.train import TWIN, load_sets, train_twin
+from dials_diffnet.weights import load_model, save_model
+
+logger = logging.getLogger("dials.diffnet.spi.evaluate")
+
+N_SUPPORT = 5
+TRIALS = 20
+SWEEP_SIZES = (2, 4, 8, 16, 32)
+SWEEP_MARGINS = (0.1, 0.3, 0.5, 1.0)
+
+
+@torch.no_grad()
+def run_model(model, x: np.ndarray, batch: int = 128):
+    outs = [model(torch.from_numpy(x[i : i + batch]).float()) for i in range(0, len(x), batch)]
+    if isinstance(outs[0], dict):
+        return {k: torch.cat([o[k] for o in outs]).numpy() for k in outs[0]}
+    return torch.cat(outs).numpy()
+
+
+def multi_metrics(model, card, data, rows) -> dict:
+    out = run_model(model, data["x"][rows])
+    count = out["count_logits"].argmax(1) + 1
+    ptype = np.array(card["particle_types"])[out["type_logits"].argmax(1)]
+    count_ok = count == data["count"][rows]
+    type_ok = ptype == data["particle"][rows]
+    return {
+        "n": int(len(rows)),
+        "test_accuracy": float(np.mean(count_ok & type_ok)),
+        "count_accuracy": float(np.mean(count_ok)),
+        "particle_accuracy": float(np.mean(type_ok)),
+        "single_vs_multi_accuracy": float(np.mean((count == 1) == (data["count"][rows] == 1))),
+        "count_accuracy_by_count": {int(c): float(np.mean(count_ok[data["count"][rows] == c])) for c in range(1, 5)},
+        "count_accuracy_by_type": {
+            str(t): float(np.mean(count_ok[data["particle"][rows] == t])) for t in np.unique(data["particle"][rows])
+        },
+    }
+
+
+def fewshot_scores(embeddings, counts, types, n_support=N_SUPPORT, trials=TRIALS, seed=0) -> dict:
+    """Few-shot single-vs-multi accuracy per particle type, support drawn from that type only."""
+    rng = np.random.default_rng(seed)
+    per_type = {}
+    for t in np.unique(types):
+        rows = np.flatnonzero(types == t)
+        four, two, four_count = [], [], []
+        for _ in range(trials):
+            support = np.concatenate(
+                [rng.choice(rows[counts[rows] == c], n_support, replace=False) for c in range(1, 5)]
+            )
+            query = np.setdiff1d(rows, support)
+            truth_single = counts[query] == 1
+            clf = FewShotClassifier(embeddings[support], counts[support])
+            pred, _ = clf.predict(embeddings[query])
+            pred = np.array(pred)
+            four.append(np.mean((pred == 1) == truth_single))
+            four_count.append(np.mean(pred == counts[query]))
+            singles = rng.choice(rows[counts[rows] == 1], n_support, replace=False)
+            multis = rng.choice(rows[counts[rows] > 1], n_support, replace=False)
+            support2 = np.concatenate([singles, multis])
+            query2 = np.setdiff1d(rows, support2)
+            clf2 = FewShotClassifier(embeddings[support2], np.where(counts[support2] == 1, "single", "multi"))
+            pred2, _ = clf2.predict(embeddings[query2])
+            two.append(np.mean((np.array(pred2) == "single") == (counts[query2] == 1)))
+        per_type[str(t)] = {
+            "single_vs_multi_4class_support": float(np.mean(four)),
+            "count_accuracy_4class_support": float(np.mean(four_count)),
+            "single_vs_multi_2class_support": float(np.mean(two)),
+        }
+    keys = next(iter(per_type.values())).keys()
+    return {"mean": {k: float(np.mean([v[k] for v in per_type.values()])) for k in keys}, "per_type": per_type}
+
+
+def twin_metrics(model, unseen: dict) -> dict:
+    emb = run_model(model, unseen["x"])
+    return {
+        noise: fewshot_scores(emb[unseen["noise"] == noise], unseen["count"][unseen["noise"] == noise],
+                              unseen["particle"][unseen["noise"] == noise])
+        for noise in ("clean", "noisy")
+    }
+
+
+class UnitHead(torch.nn.Module):
+    """A fresh projection head onto the unit sphere, for the sweep on frozen trunk features."""
+
+    def __init__(self, n_features, embedding_size):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(n_features, 128), torch.nn.ReLU(), torch.nn.Linear(128, embedding_size)
+        )
+
+    def forward(self, f):
+        return torch.nn.functional.normalize(self.layers(f), dim=1)
+
+
+def sweep(twin, train: dict, unseen: dict, epochs: int, sizes=SWEEP_SIZES, margins=SWEEP_MARGINS):
+    """Embedding size x margin, reduced: the shipped twin's trunk is frozen and its features computed
+    once; for every (E, alpha) a fresh projection head is trained with the same triplet loss and
+    mining on all training patterns, then scored on the unseen types as above. Retraining the
+    whole network 20 times does not fit a 2-core CPU budget."""
+    features = {name: {**d, "x": run_model(twin.trunk, d["x"])} for name, d in (("train", train), ("unseen", unseen))}
+    results = []
+    for size in sizes:
+        for margin in margins:
+            start = time.time()
+            head = UnitHead(twin.trunk.n_features, size)
+            train_twin(features["train"], dict(TWIN, embedding_size=size, margin=margin, epochs=epochs), model=head)
+            scores = twin_metrics(head, features["unseen"])
+            row = {"embedding_size": size, "margin": margin, "seconds": round(time.time() - start),
+                   **{f"{noise}_single_vs_multi": scores[noise]["mean"]["single_vs_multi_4class_support"]
+                      for noise in scores}}
+            logger.info("sweep %s", row)
+            results.append(row)
+    return {"method": "frozen shipped trunk, fresh head per cell", "train_patterns": int(len(train["x"])),
+            "epochs": epochs, "rows": results}
+
+
+def inference_rate(model, batch: int = 64, repeats: int = 3) -> float:
+    """Images per second through the model alone (batch `batch`, current torch threads)."""
+    from dials_diffnet.spi import SPI_GRID
+
+    x = torch.randn(batch, 2, SPI_GRID.size, SPI_GRID.size)
+    with torch.no_grad():
+        model(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def representation_rate(n: int = 20) -> float:
+    """Detector frames per second through `represent` alone (grid map cached, as for a run of one geometry)."""
+    from dials_diffnet.spi.simulate import represent_shot, shot_params, simulate
+
+    shot = simulate(shot_params(0, "capsid", 2, "noisy", "test"))
+    represent_shot(shot)
+    start = time.perf_counter()
+    for _ in range(n):
+        represent_shot(shot)
+    return n / (time.perf_counter() - start)
+
+
+def print_tables(results: dict):
+    print("\nMulti-output CNN (held-out seeds and detector geometries, seen particle types)")
+    print(f"{'test set':<8} {'n':>5} {'test acc':>9} {'count acc':>10} {'particle acc':>13} {'single/multi':>13}")
+    for noise, m in results["multi"].items():
+        print(f"{noise:<8} {m['n']:>5} {100 * m['test_accuracy']:>9.1f} {100 * m['count_accuracy']:>10.1f} "
+              f"{100 * m['particle_accuracy']:>13.1f} {100 * m['single_vs_multi_accuracy']:>13.1f}")
+    print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws")
+    print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
+    for noise, m in results["twin_unseen"].items():
+        for t, v in list(m["per_type"].items()) + [("mean", m["mean"])]:
+            print(f"{noise:<8} {t:<10} {100 * v['single_vs_multi_4class_support']:>19.1f} "
+                  f"{100 * v['count_accuracy_4class_support']:>18.1f} {100 * v['single_vs_multi_2class_support']:>19.1f}")
+    if "sweep" in results:
+        s = results["sweep"]
+        print(f"\nTwin sweep ({s['method']}: {s['train_patterns']} patterns, {s['epochs']} epochs), "
+              "unseen single-vs-multi accuracy % clean / noisy")
+        print("E \\ alpha " + "".join(f"{m:>14}" for m in SWEEP_MARGINS))
+        for size in SWEEP_SIZES:
+            rows = {r["margin"]: r for r in s["rows"] if r["embedding_size"] == size}
+            print(f"{size:<10}" + "".join(
+                f"{100 * rows[m]['clean_single_vs_multi']:>7.1f}/{100 * rows[m]['noisy_single_vs_multi']:<6.1f}"
+                if m in rows else f"{'':>14}" for m in SWEEP_MARGINS))
+    r = results["rates"]
+    print(f"\nCPU inference ({r['threads']} thread(s)): multi {r['multi_model_images_per_s']:.0f} images/s, "
+          f"twin {r['twin_model_images_per_s']:.0f} images/s (model only); represent() "
+          f"{r['represent_frames_per_s']:.0f} frames/s; represent + multi {r['multi_with_representation_images_per_s']:.0f} images/s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(pathlib.Path(__file__).resolve().parents[1] / "weights"))
+    parser.add_argument("--cache", default="/tmp/diffnet_spi_data")
+    parser.add_argument("--json", default="spi_evaluation.json")
+    parser.add_argument("--sweep", action="store_true", help="retrain twin networks for the size x margin sweep")
+    parser.add_argument("--sweep-epochs", type=int, default=20)
+    parser.add_argument("--update-cards", action="store_true", help="write the figures into the model cards")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    weights = pathlib.Path(args.weights)
+
+    sets = load_sets(pathlib.Path(args.cache), workers=args.workers)
+    multi, multi_card = load_model(weights / "spi_multi.safetensors")
+    twin, twin_card = load_model(weights / "spi_twin.safetensors")
+    test = sets["test"]
+    results = {
+        "multi": {noise: multi_metrics(multi, multi_card, test, np.flatnonzero(test["noise"] == noise))
+                  for noise in ("clean", "noisy")},
+        "twin_unseen": twin_metrics(twin, sets["unseen"]),
+        "twin_seen_test": twin_metrics(twin, test),
+        "unseen_types": UNSEEN_TYPES,
+        "protocol": {"n_support_per_class": N_SUPPORT, "trials": TRIALS,
+                     "noisy": multi_card["training"]["data"]["noisy"]},
+    }
+    if args.sweep:
+        results["sweep"] = sweep(twin, sets["train"], sets["unseen"], args.sweep_epochs)
+    multi_rate, twin_rate, rep_rate = inference_rate(multi), inference_rate(twin), representation_rate()
+    results["rates"] = {
+        "threads": torch.get_num_threads(),
+        "multi_model_images_per_s": multi_rate,
+        "twin_model_images_per_s": twin_rate,
+        "represent_frames_per_s": rep_rate,
+        "multi_with_representation_images_per_s": 1.0 / (1.0 / multi_rate + 1.0 / rep_rate),
+    }
+    print_tables(results)
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    logger.info("wrote %s", args.json)
+    if args.update_cards:
+        for name, model, card in (("spi_multi", multi, multi_card), ("spi_twin", twin, twin_card)):
+            keep = {k: v for k, v in card.items() if k not in ("sha256", "bytes")}
+            keep["evaluation"] = {
+                "spi_multi": {"multi": results["multi"], "rates": results["rates"]},
+                "spi_twin": {"twin_unseen": results["twin_unseen"], "sweep": results.get("sweep"),
+                             "rates": results["rates"]},
+            }[name]
+            save_model(model, keep, weights / f"{name}.safetensors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Triplet loss and mining, few-shot prototypes, and the shipped SPI weights on fresh simulated shots."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dials_diffnet.models import ARCHITECTURES, build
+from dials_diffnet.spi import SPI_GRID
+from dials_diffnet.spi import simulate as sim
+from dials_diffnet.spi.dataset import SEED_BASES
+from dials_diffnet.spi.fewshot import FewShotClassifier
+from dials_diffnet.spi.triplet import batch_triplet_loss, mine_triplets, pairwise_distances, triplet_loss
+
+torch.set_num_threads(1)
+
+
+def test_triplet_loss_values():
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.8, 0.6]])  # d_p = sqrt(0.4)
+    n = torch.tensor([[0.0, 1.0]])  # d_n = sqrt(2)
+    d_p, d_n = math.sqrt(0.4), math.sqrt(2.0)
+    assert triplet_loss(a, p, n, 0.3).item() == pytest.approx(0.0)
+    assert triplet_loss(a, p, n, 1.0).item() == pytest.approx(d_p - d_n + 1.0, abs=1e-6)
+    assert triplet_loss(a, n, p, 0.1).item() == pytest.approx(d_n - d_p + 0.1, abs=1e-6)  # swapped: a violation
+    both = triplet_loss(torch.cat([a, a]), torch.cat([p, n]), torch.cat([n, p]), 0.1).item()
+    assert both == pytest.approx((d_n - d_p + 0.1) / 2, abs=1e-6)
+
+
+def points(*xs):
+    return torch.tensor([[x, 0.0] for x in xs])
+
+
+def test_semihard_mining_picks_closest_negative_beyond_the_positive():
+    # anchor 0 at 0, positive 1 at 1; negatives at distances 0.5 (hard), 1.2 (semi-hard), 3 (easy)
+    emb = points(0.0, 1.0, -0.5, -1.2, 3.0)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    a, p, n = mine_triplets(pairwise_distances(emb), labels, margin=0.5)
+    chosen = {(int(i), int(j)): int(k) for i, j, k in zip(a, p, n)}
+    assert chosen[(0, 1)] == 3  # not the hard one at 0.5, not the easy one at 3
+    assert chosen[(1, 0)] == 2  # from x=1: negatives at 1.5, 2.2, 2.0 -> closest beyond d_p = 1
+    # negative anchors: (2, 3) d_p = 0.7, label-0 points at 0.5 and 1.5 -> 1.5 (index 1)
+    assert chosen[(2, 3)] == 1
+    # when every negative is closer than the positive, the farthest (least hard) negative is used
+    emb = points(0.0, 5.0, 1.0, 2.0)
+    a, p, n = mine_triplets(pairwise_distances(emb), torch.tensor([0, 0, 1, 1]), margin=0.5)
+    assert {(int(i), int(j)): int(k) for i, j, k in zip(a, p, n)}[(0, 1)] == 3
+
+
+def test_hard_mining_and_batch_loss_gradient():
+    emb = points(0.0, 1.0, -0.5, -1.2, 3.0)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    a, p, n = mine_triplets(pairwise_distances(emb), labels, margin=0.5, strategy="hard")
+    assert int(p[a == 0]) == 1 and int(n[a == 0]) == 2  # farthest positive, closest negative
+    assert int(p[a == 4]) == 3 and int(n[a == 4]) == 1
+    emb = emb.clone().requires_grad_(True)
+    loss = batch_triplet_loss(emb, labels, margin=0.5)
+    loss.backward()
+    assert loss.item() > 0 and emb.grad.abs().sum() > 0
+    single_class = batch_triplet_loss(emb, torch.zeros(5, dtype=torch.long), 0.5)
+    assert single_class.item() == 0.0
+
+
+def test_fewshot_prototypes_classify_separated_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.standard_normal((16, 3)))[0].T  # 3 orthonormal directions in 16-D
+    def sample(c, n):
+        x = centres[c] + 0.15 * rng.standard_normal((n, 16))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    support = np.concatenate([sample(c, 5) for c in range(3)])
+    labels = np.repeat(["single", "double", "triple"], 5)
+    queries = np.concatenate([sample(c, 50) for c in range(3)])
+    truth = np.repeat(["single", "double", "triple"], 50)
+    for method in ("prototype", "nearest"):
+        pred, dist = FewShotClassifier(support, labels, method).predict(queries)
+        assert np.mean(np.array(pred) == truth) > 0.98 and np.all(dist < 1.0)
+    with pytest.raises(ValueError):
+        FewShotClassifier(np.zeros((0, 16)), [])
+
+
+def test_spi_models_registered_and_shapes():
+    assert {"SpiMultiNet", "SpiTwinNet"} <= set(ARCHITECTURES)
+    x = torch.randn(3, 2, SPI_GRID.size, SPI_GRID.size)
+    multi = build({"class": "SpiMultiNet", "n_types": 8, "width": 8}).eval()
+    out = multi(x)
+    assert out["count_logits"].shape == (3, 4) and out["type_logits"].shape == (3, 8)
+    twin = build({"class": "SpiTwinNet", "embedding_size": 16, "width": 8}).eval()
+    emb = twin(x)
+    assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=1), torch.ones(3))
+
+
+# Shipped weights on shots simulated now, with seeds no data set used and the test geometry pool.
+CHECK_TYPES = ("groel", "spike", "ribosome", "dumbbell", "vesicle")  # cheap to simulate
+
+
+@pytest.fixture(scope="module")
+def task():
+    from dials_diffnet.spi.task import SpiTask
+
+    return SpiTask()
+
+
+def fresh_inputs(types, noise, per_count, seed0):
+    seed, xs, counts = seed0, [], []
+    for t in types:
+        for count in range(1, 5):
+            for _ in range(per_count):
+                shot = sim.simulate(sim.shot_params(seed, t, count, noise, "test"))
+                xs.append(sim.represent_shot(shot))
+                counts.append(count)
+                seed += 1
+    return torch.from_numpy(np.stack(xs)), np.array(counts)
+
+
+def test_shipped_multi_model_counts_fresh_shots(task):
+    x, counts = fresh_inputs(CHECK_TYPES, "clean", 2, SEED_BASES["check"])
+    records = task.predict_batch(x)
+    predicted = np.array([r["spi_count"] for r in records])
+    assert np.mean(predicted == counts) >= 0.6  # chance is 0.25
+    assert np.mean((predicted == 1) == (counts == 1)) >= 0.9  # always-"multi" would score 0.75
+    r = records[0]
+    assert set(task.reflection_columns) <= set(r) and all(isinstance(r[c], float | int) for c in task.reflection_columns)
+    assert r["spi_type"] in task.particle_types and len(r["spi_count_probs"]) == 4
+    assert r["spi_p_single"] == pytest.approx(r["spi_count_probs"][0])
+    assert task.name == "spi" and task.grid == SPI_GRID and set(task.models) == {"spi_multi", "spi_twin"}
+
+
+def test_shipped_twin_fewshot_on_unseen_type_with_cxi_reference(tmp_path):
+    from dials_diffnet.spi.cxi import write_cxi
+    from dials_diffnet.spi.task import SpiTask
+
+    seed = SEED_BASES["check"] + 1000
+    support = [sim.simulate(sim.shot_params(seed + i, "ferritin", 1 + i % 4, "clean", "test")) for i in range(20)]
+    write_cxi(tmp_path / "support.cxi", support)
+    task = SpiTask(reference=tmp_path / "support.cxi")
+    assert task.fewshot.classes == ["double", "quadruple", "single", "triple"]
+    x, counts = fresh_inputs(("ferritin",), "clean", 8, seed + 100)
+    records = task.predict_batch(x)
+    single = np.array([r["spi_fewshot_label"] == "single" for r in records])
+    assert np.mean(single == (counts == 1)) >= 0.85  # always-"multi" would score 0.75; evaluation: 98 %
+    assert "spi_fewshot_distance" in task.reflection_columns and records[0]["spi_fewshot_distance"] >= 0
