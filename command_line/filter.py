@@ -59,6 +59,9 @@ def rejection(record, params) -> str | None:
     """Why one image is dropped, or None if it passes every rule."""
     if not record.ok:
         return None if params.keep_failed else "failed: " + record.failure.split(":")[0]
+    spi_count = record.get("spi_count")
+    if spi_count is not None:
+        return None if spi_count == 1 or not params.spi.single_only else f"SPI {spi_count}-particle hit"
     if params.min_p_hit is not None and record.p_hit < params.min_p_hit:
         return f"not a hit (P(hit) < {params.min_p_hit:g})"
     if params.max_p_multi is not None and record.p_multi > params.max_p_multi:

@@ -13,7 +13,7 @@ from dials.util.options import ArgumentParser
 from dials.util.version import dials_version
 
 from dials_diffnet.images import iter_image_refs
-from dials_diffnet.inference import available_cores, make_task, predict_images
+from dials_diffnet.inference import available_cores, make_task, predict_cxi, predict_images
 from dials_diffnet.results import (
     annotate_reflections,
     check_reflections_belong,
@@ -131,7 +131,10 @@ def run(args=None, phil=working_phil):
     usage = "usage: diffnet.predict [options] [param.phil] imported.expt [strong.refl]"
     parser = make_parser(phil, usage, help_message)
     params, options, unhandled = parse_command_line(parser, args)
-    reject_unhandled(unhandled)
+    cxi_files = [a for a in unhandled if a.endswith(".cxi") and os.path.isfile(a)]
+    reject_unhandled(unhandled, accepted=cxi_files)
+    if cxi_files:
+        return run_cxi(params, options, parser, cxi_files)
     if not params.input.experiments and not params.input.reflections:
         parser.print_help()
         return
@@ -172,6 +175,26 @@ def run(args=None, phil=working_phil):
         logger.info(f"Saved {len(reflections)} annotated reflections to {out.reflections}")
 
     logger.debug(records_table(records))
+    logger.info("\n" + summary_table(records, params.summary.multi_threshold, params.summary.hit_threshold))
+
+
+def run_cxi(params, options, parser, cxi_files):
+    """task=spi on CXI files (what SPI facilities publish) instead of an experiment list."""
+    if params.task != "spi":
+        raise Sorry("CXI input is for task=spi")
+    if len(cxi_files) != 1 or params.input.experiments:
+        raise Sorry("give exactly one CXI file (and no experiment list)")
+    out = params.output
+    check_outputs({"output.json": out.json, "output.table": out.table, "output.log": out.log}, inputs=cxi_files)
+    log.config(verbosity=options.verbose, logfile=out.log)
+    logger.info(f"dials-diffnet {package_version()}")
+    task = make_task(params.task, params, params.device)
+    records = predict_cxi(task, cxi_files[0], batch_size=params.batch_size)
+    if out.json:
+        write_records(out.json, task, records, "diffnet.predict", cxi_files[0], None)
+        logger.info(f"Saved per-image records to {out.json}")
+    if out.table:
+        write_table(out.table, records)
     logger.info("\n" + summary_table(records, params.summary.multi_threshold, params.summary.hit_threshold))
 
 

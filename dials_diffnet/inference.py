@@ -120,8 +120,12 @@ def make_task(name: str, params, device: str) -> Task:
             raise Sorry(f"the shipped crystal model ({path}) is not installed; pass model.crystal=<file.safetensors>")
         return CrystalTask(path, torch_device)
     if name == "spi":
-        # Hook for the SPI task (particle count and type); it plugs in here with the same protocol.
-        raise Sorry("task=spi is not yet available in this version of dials-diffnet")
+        from dials_diffnet.spi.task import SpiTask
+
+        return SpiTask(
+            reference=params.spi.reference, device=torch_device,
+            multi_path=params.model.spi_multi, twin_path=params.model.spi_twin,
+        )
     raise Sorry(f"unknown task={name}")
 
 
@@ -340,4 +344,40 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
                 if failure:
                     records[indices[k]] = failed_record(refs[indices[k]], failure)
             bar.update(len(indices))
+    return records
+
+
+# --- CXI input (single-particle imaging) -------------------------------------------------------
+
+
+def predict_cxi(task: Task, cxi_path, *, batch_size=16) -> list[ImageRecord]:
+    """Every frame of a CXI file through the same representation and task as an ImageSet's images.
+
+    A frame is identified by the file and its index in /entry_1/data_1/data (image_number = index + 1).
+    """
+    from dials_diffnet.images import ImageRef
+    from dials_diffnet.spi.cxi import read_cxi
+
+    records: list[ImageRecord | None] = []
+    pending: list[tuple[int, ImageRef, np.ndarray]] = []
+
+    def flush():
+        if pending:
+            fields = task.predict_batch(torch.from_numpy(np.stack([x for _, _, x in pending])))
+            for (slot, ref, _), f in zip(pending, fields):
+                records[slot] = predicted_record(ref, f)
+            pending.clear()
+
+    try:
+        for i, raw in enumerate(read_cxi(cxi_path)):
+            ref = ImageRef(experiment_index=0, identifier="", imageset=None, index=i, path=os.path.abspath(cxi_path), image_number=i + 1)
+            x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid))
+            records.append(None if x[1].any() else failed_record(ref, "no valid pixels within the reach of the grid"))
+            if records[-1] is None:
+                pending.append((i, ref, x))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    except (OSError, KeyError, ValueError) as e:
+        raise Sorry(f"cannot read {cxi_path}: {one_line(str(e))}") from None
     return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -161,16 +162,18 @@ def write_table(path, records) -> None:
 
 def summary_table(records, multi_threshold: float, hit_threshold: float) -> str:
     good = [r for r in records if r.ok]
-    d_min = [r.d_min for r in good]
-    rows = [
-        ["images", len(records)],
-        ["predicted", len(good)],
-        ["failed", len(records) - len(good)],
-        ["mean d_min (A)", _fmt(statistics.fmean(d_min) if d_min else None, ".2f")],
-        ["median d_min (A)", _fmt(statistics.median(d_min) if d_min else None, ".2f")],
-        [f"multi-lattice (P > {multi_threshold:g})", sum(r.p_multi > multi_threshold for r in good)],
-        [f"hits (P >= {hit_threshold:g})", sum(r.p_hit >= hit_threshold for r in good)],
-    ]
+    rows = [["images", len(records)], ["predicted", len(good)], ["failed", len(records) - len(good)]]
+    crystal = [r for r in good if r.d_min is not None]
+    if crystal:
+        d_min = [r.d_min for r in crystal]
+        rows += [
+            ["mean d_min (A)", _fmt(statistics.fmean(d_min), ".2f")],
+            ["median d_min (A)", _fmt(statistics.median(d_min), ".2f")],
+            [f"multi-lattice (P > {multi_threshold:g})", sum(r.p_multi > multi_threshold for r in crystal)],
+            [f"hits (P >= {hit_threshold:g})", sum(r.p_hit >= hit_threshold for r in crystal)],
+        ]
+    counts = collections.Counter(r.get("spi_count") for r in good if r.get("spi_count") is not None)
+    rows += [[f"SPI {n}-particle hits", counts[n]] for n in sorted(counts)]
     return tabulate(rows, ["", "count"])
 
 

@@ -1,9 +1,12 @@
 import os
 import pathlib
+import sys
 
 import pytest
 
 os.environ.setdefault("LIBTBX_BUILD", "/usr/lib/cctbx/python3.11")
+# the console scripts (diffnet.predict, ...) live beside the interpreter running the tests
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"

@@ -13,6 +13,7 @@ takes the label of the nearest class prototype. No retraining.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -25,7 +26,7 @@ from dials_diffnet.representation import cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.weights import WeightError, load_model, shipped_path
+from dials_diffnet.weights import card_path, shipped_path
 
 logger = logging.getLogger("dials.diffnet.spi")
 
@@ -92,13 +93,13 @@ class SpiTask:
 
     def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype"):
         self.device = torch.device(device)
-        try:
-            self.multi, multi_card = load_model(multi_path or shipped_path("spi_multi"), self.device)
-            self.twin, twin_card = load_model(twin_path or shipped_path("spi_twin"), self.device)
-        except WeightError as e:
-            raise Sorry(str(e)) from None
-        self.models = {"spi_multi": multi_card, "spi_twin": twin_card}
-        self.particle_types = list(multi_card["particle_types"])
+        from dials_diffnet.inference import load_task_model
+
+        multi_file = multi_path or shipped_path("spi_multi")
+        self.multi, multi_summary = load_task_model(multi_file, self.device)
+        self.twin, twin_summary = load_task_model(twin_path or shipped_path("spi_twin"), self.device)
+        self.models = {"spi_multi": multi_summary, "spi_twin": twin_summary}
+        self.particle_types = list(json.loads(card_path(multi_file).read_text())["particle_types"])
         self.reflection_columns = ["spi_count", "spi_p_single", "spi_type_prob"]
         self.fewshot = None
         if reference is not None:
