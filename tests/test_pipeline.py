@@ -12,6 +12,8 @@ import pytest
 from dials_diffnet.weights import shipped_path
 
 CELL = "78,78,38,90,90,90"
+# stills share one detector and beam: refining them per still from a few spots fails in DIALS 3.12
+FIXED_GEOMETRY = ("refinement.parameterisation.detector.fix=all", "refinement.parameterisation.beam.fix=all")
 pytestmark = pytest.mark.skipif(not shipped_path("crystal").exists(), reason="no shipped crystal model")
 
 
@@ -65,7 +67,7 @@ def test_shipped_models_judge_simulated_shots(ssx_run):
 def test_dials_index_runs_on_filtered_output(ssx_run):
     run(
         "dials.index", "filtered.expt", "filtered.refl", "stills.indexer=sequences",
-        f"unit_cell={CELL}", "space_group=P4", cwd=ssx_run,
+        f"unit_cell={CELL}", "space_group=P4", *FIXED_GEOMETRY, cwd=ssx_run,
     )
     indexed = json.loads((ssx_run / "indexed.expt").read_text())
     assert len(indexed["crystal"]) >= 1

@@ -105,23 +105,3 @@ def test_dials_indexes_single_lattice_and_recovers_cell(single_lattice_images):
     indexed = ExperimentListFactory.from_json_file(str(out / "indexed.expt"), check_format=False)
     found = indexed[0].crystal.get_unit_cell().parameters()
     assert np.allclose(found[:3], cell[:3], rtol=0.015)
-
-
-def test_more_lattices_found_on_multi_lattice_images(tmp_path):
-    """dials.index max_lattices=3 finds more lattices on 3-lattice shots than on single ones."""
-    # dataset 5 shot 2: monoclinic 29 x 49 x 126 A, three lattices with shares 0.38/0.34/0.28
-    multi = write_images(tmp_path / "multi", 5, 1, Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0), start=2)
-    assert read_image_labels(multi[0])["labels"]["is_multi"]
-    single = write_images(tmp_path / "single", 5, 1, Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0), start=18)
-    found = {}
-    for name, paths in (("multi", multi), ("single", single)):
-        d = tmp_path / name
-        cell = read_image_labels(paths[0])["params"]["lattices"][0]["cell"]
-        dials("dials.import", *paths, cwd=d)
-        dials("dials.find_spots", "imported.expt", "nproc=1", cwd=d)
-        dials(
-            "dials.index", "imported.expt", "strong.refl", "stills.indexer=sequences", "max_lattices=3",
-            "unit_cell=" + ",".join(f"{v:.2f}" for v in cell), cwd=d,
-        )
-        found[name] = len(json.loads((d / "indexed.expt").read_text())["crystal"])
-    assert found["multi"] > found["single"] == 1
