@@ -239,7 +239,9 @@ def dials_baseline(experiments_path, reflections_path=None, find_spots_args=()) 
         if reflections_path is None:
             reflections_path = pathlib.Path(tmp) / "strong.refl"
             command = [shutil.which("dials.find_spots") or "dials.find_spots", str(pathlib.Path(experiments_path).resolve()),
-                       f"output.reflections={reflections_path}", "output.shoeboxes=False", *find_spots_args]
+                       f"output.reflections={reflections_path}", "output.shoeboxes=False",
+                       # an explicit nproc: DIALS 3.12's nproc=Auto fails on some still imports
+                       f"nproc={len(os.sched_getaffinity(0))}", *find_spots_args]
             done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"dials.find_spots failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
