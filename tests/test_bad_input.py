@@ -174,6 +174,6 @@ def test_tampered_and_missing_weights(in_tmp, other_stills, crystal_model):  # n
         assert_sorry(predict_run, [expt], "not installed")
 
 
-def test_spi_task_not_yet_available(in_tmp, other_stills):
+def test_spi_missing_reference_set(in_tmp, other_stills):
     expt, _ = other_stills
-    assert_sorry(predict_run, [expt, "task=spi"], "not yet available")
+    assert_sorry(predict_run, [expt, "task=spi", "spi.reference=no_such_support.cxi"], "does not exist")
