@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
-from importlib import resources
-
-from libtbx.phil import parse
 
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
@@ -15,9 +12,10 @@ from dials.util.options import ArgumentParser
 from dials_diffnet.simulate.dataset import generate_shards, write_images
 from dials_diffnet.simulate.detectors import DETECTORS
 from dials_diffnet.simulate.stills import Recipe
+from dials_diffnet.util import load_phil
 
 logger = logging.getLogger("dials.diffnet.simulate")
-phil_scope = parse(resources.files("dials_diffnet.phil").joinpath("simulate.phil").read_text())
+phil_scope = load_phil("simulate")
 
 help_message = """
 Simulate X-ray diffraction stills (single and multi-lattice crystals, blanks,

@@ -6,15 +6,14 @@ import logging
 import pathlib
 import sys
 
-import libtbx.phil
-
-import dials_diffnet.phil
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 
+from dials_diffnet.util import load_phil
+
 logger = logging.getLogger("dials.diffnet.train")
 
-working_phil = libtbx.phil.parse(file_name=str(pathlib.Path(dials_diffnet.phil.__file__).parent / "train.phil"))
+working_phil = load_phil("train")
 
 help_message = """
 Train the crystallography CrystalNet (resolution, multi-lattice and hit heads)
