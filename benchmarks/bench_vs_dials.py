@@ -3,13 +3,20 @@
 For each image set:
   (a)  bare dxtbx reading: imageset.get_raw_data(i) over every image, one process
        (and with nproc processes, the read-limited rate for that many readers);
+  (a*) the nproc-process read with the allocator setting diffnet's readers use
+       (inference.reuse_freed_memory): the read limit diffnet is measured against;
   (b)  what users run today: dials.find_spots nproc=<cores>, then the per-image
        resolution estimate dials.spot_counts_per_image (per_image_analysis
        estimated_d_min), both timed, plus that estimate in-process;
+  (b') the same DIALS commands on nproc shares of the experiments at once, one
+       core each: DIALS 3.12 finds spots on one still ImageSet at a time with one
+       job, so this is the best rate its commands reach on these cores;
   (c)  diffnet.predict end to end as a subprocess (start-up included), and
        in-process with the model loaded and the grid map built (start-up excluded).
-Image sets: simulated Pilatus 6M stills written as uncompressed CBF, and every
-dataset in shared/realdata, each dials.import'ed into a scratch directory.
+Image sets: simulated Pilatus 6M stills written as a Pilatus writes them
+(miniCBF, byte-offset; --sim-format cbf: uncompressed full imgCIF/CBF read
+through cbflib), and every dataset in shared/realdata, each dials.import'ed
+into a scratch directory.
 Page caches are warmed first, so every method reads the same cached files.
 
 With CUDA present it also sweeps model-only throughput (batch, float32/bf16/fp16,
@@ -44,15 +51,21 @@ REALDATA = REPO.parent / "shared" / "realdata"
 # --- image sets ------------------------------------------------------------------------------
 
 
-def simulate_stills(directory: pathlib.Path, n_images: int, seed: int) -> list[pathlib.Path]:
-    """Pilatus 6M stills, uncompressed CBF, all sharing one geometry as in a serial experiment."""
+SIM_FORMATS = {  # --sim-format: diffnet.simulate arguments and the set's name in the report
+    "minicbf": (["format=minicbf"], "simulated Pilatus 6M stills, miniCBF (byte-offset, as a Pilatus writes)"),
+    "cbf": (["format=cbf", "compress=False"], "simulated Pilatus 6M stills, uncompressed full CBF"),
+}
+
+
+def simulate_stills(directory: pathlib.Path, n_images: int, seed: int, sim_format: str) -> list[pathlib.Path]:
+    """Pilatus 6M stills, all sharing one geometry as in a serial experiment."""
     directory = directory.resolve()
     if not (directory / "index.json").is_file():
         run_command(
             [
                 diffnet_script("simulate"), f"n_images={n_images}", f"seed={seed}", "recipe.detectors=pilatus6m",
-                f"recipe.images_per_geometry={n_images}", "compress=False", f"output.directory={directory}",
-                f"output.log={directory}.log",
+                f"recipe.images_per_geometry={n_images}", *SIM_FORMATS[sim_format][0],
+                f"output.directory={directory}", f"output.log={directory}.log",
             ],
             cwd=directory.parent,
         )
@@ -66,38 +79,46 @@ def realdata_sets() -> dict[str, list[pathlib.Path]]:
     return sets
 
 
-def dials_import(files, directory: pathlib.Path) -> pathlib.Path:
+def dials_import(files, directory: pathlib.Path, *options) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
-    run_command(["dials.import", *files, "output.experiments=imported.expt"], cwd=directory, log_name="import.out")
+    run_command(["dials.import", *files, "output.experiments=imported.expt", *options], cwd=directory,
+                log_name="import.out")
     return directory / "imported.expt"
 
 
 # --- (a) bare reading ------------------------------------------------------------------------
 
 
-def _read_share(expt_path, share, n_shares, barrier, seconds):
+def _read_share(expt_path, share, n_shares, barrier, seconds, tuned=False):
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_diffnet.images import iter_image_refs
+    from dials_diffnet.inference import reuse_freed_memory
 
+    if tuned:  # the allocator setting diffnet's readers use: the read limit for them
+        reuse_freed_memory()
     refs = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=True)))
     barrier.wait()  # time the reading only, not loading the experiment list
     start = time.perf_counter()
     for ref in refs[share::n_shares]:
         ref.imageset.get_raw_data(ref.index)
+        ref.imageset.clear_cache()  # as diffnet's readers do: dxtbx otherwise keeps every still it read
     seconds[share] = time.perf_counter() - start
 
 
-def time_bare_read(expt_path, nproc: int) -> float:
-    """Seconds to read every raw frame with nproc processes reading interleaved shares."""
-    if nproc == 1:
+def time_bare_read(expt_path, nproc: int, tuned: bool = False) -> float:
+    """Seconds to read every raw frame with nproc processes reading interleaved shares.
+
+    tuned: with diffnet's allocator setting (inference.reuse_freed_memory), run in a fresh process."""
+    if nproc == 1 and not tuned:
         seconds = [0.0]
         _read_share(expt_path, 0, 1, _NoBarrier(), seconds)
         return seconds[0]
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(nproc)
     seconds = context.Array("d", nproc)
-    workers = [context.Process(target=_read_share, args=(expt_path, k, nproc, barrier, seconds)) for k in range(nproc)]
+    workers = [context.Process(target=_read_share, args=(expt_path, k, nproc, barrier, seconds, tuned))
+               for k in range(nproc)]
     for w in workers:
         w.start()
     for w in workers:
@@ -130,19 +151,27 @@ def per_image_d_min(expt_path, refl_path) -> list[float]:
     return d_min
 
 
-def time_dials(expt_path, nproc: int) -> dict:
+def _dials_commands(expt_path, nproc: int, tag: str = "") -> tuple[float, float]:
+    """dials.find_spots then dials.spot_counts_per_image on one .expt: (seconds, seconds)."""
     cwd = expt_path.parent
+    strong = f"strong{tag}.refl"
+    find_spots = run_command(
+        ["dials.find_spots", expt_path, f"nproc={nproc}", f"output.reflections={strong}",
+         f"output.log=dials.find_spots{tag}.log"], cwd, f"find_spots{tag}.out"
+    )
+    spot_counts = run_command(
+        ["dials.spot_counts_per_image", expt_path, strong, f"json=per_image{tag}.json"], cwd, f"spot_counts{tag}.out"
+    )
+    return find_spots, spot_counts
+
+
+def time_dials(expt_path, nproc: int) -> dict:
     try:
-        find_spots = run_command(
-            ["dials.find_spots", expt_path, f"nproc={nproc}", "output.reflections=strong.refl"], cwd, "find_spots.out"
-        )
+        find_spots, spot_counts = _dials_commands(expt_path, nproc)
     except RuntimeError as e:  # e.g. too many strong pixels on a raw CSPAD frame with default parameters
         return {"failed": " ".join(str(e).split())[-300:]}
-    spot_counts = run_command(
-        ["dials.spot_counts_per_image", expt_path, "strong.refl", "json=per_image.json"], cwd, "spot_counts.out"
-    )
     start = time.perf_counter()
-    d_min = per_image_d_min(expt_path, cwd / "strong.refl")
+    d_min = per_image_d_min(expt_path, expt_path.parent / "strong.refl")
     in_process = time.perf_counter() - start
     return {
         "find_spots_s": find_spots,
@@ -150,6 +179,28 @@ def time_dials(expt_path, nproc: int) -> dict:
         "per_image_d_min_in_process_s": in_process,
         "images_with_d_min_estimate": sum(d > 0 for d in d_min),
     }
+
+
+def time_dials_split(expt_path, nproc: int) -> dict | None:
+    """(b'): the experiments cut into nproc shares, each share's DIALS commands run at once on one core.
+
+    Wall time is the slowest share. None when there are fewer experiments than shares."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
+    if nproc < 2 or len(experiments) < nproc:
+        return None
+    shares = []
+    for k in range(nproc):
+        path = expt_path.parent / f"share_{k}.expt"
+        experiments[k::nproc].as_file(str(path))
+        shares.append(path)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(nproc) as pool:
+        per_share = list(pool.map(lambda k: _dials_commands(shares[k], 1, f"_share_{k}"), range(nproc)))
+    return {"wall_s": time.perf_counter() - start, "per_share_s": per_share}
 
 
 # --- (c) diffnet.predict -------------------------------------------------------------------------
@@ -207,7 +258,14 @@ def bench_set(name, expt_path, model, nproc, batch_size) -> dict:
     result["read_1proc_s"] = measure("(a) bare read, 1 process", lambda: time_bare_read(expt_path, 1))
     if nproc > 1:
         result[f"read_{nproc}proc_s"] = measure(f"(a) bare read, {nproc} processes", lambda: time_bare_read(expt_path, nproc))
+    result[f"read_{nproc}proc_tuned_s"] = measure(
+        f"(a*) bare read, {nproc} processes, diffnet's allocator setting", lambda: time_bare_read(expt_path, nproc, True)
+    )
     result["dials"] = measure("(b) DIALS", lambda: time_dials(expt_path, nproc))
+    if "failed" not in result["dials"]:
+        split = measure(f"(b') DIALS on {nproc} shares at once", lambda: time_dials_split(expt_path, nproc))
+        if split:
+            result["dials_split"] = split
     result["diffnet"] = measure("(c) diffnet.predict", lambda: time_diffnet(expt_path, model, nproc, batch_size))
     result["rates"] = rates(result)
     return result
@@ -223,14 +281,19 @@ def rates(r) -> dict:
     if "failed" not in r["dials"]:
         out["b_dials"] = n / (r["dials"]["find_spots_s"] + r["dials"]["spot_counts_per_image_s"])
         out["b_find_spots_only"] = n / r["dials"]["find_spots_s"]
-    if f"read_{r['nproc']}proc_s" in r:
-        out[f"a_read_{r['nproc']}proc"] = n / r[f"read_{r['nproc']}proc_s"]
+    if "dials_split" in r:
+        out["b_dials_shares"] = n / r["dials_split"]["wall_s"]
+    for key in (f"{r['nproc']}proc", f"{r['nproc']}proc_tuned"):
+        if f"read_{key}_s" in r:
+            out[f"a_read_{key}"] = n / r[f"read_{key}_s"]
     for c in ("c_diffnet_subprocess", "c_diffnet_in_process"):
-        if "b_dials" in out:
-            out[f"{c} / b_dials"] = out[c] / out["b_dials"]
+        for b in ("b_dials", "b_dials_shares"):
+            if b in out:
+                out[f"{c} / {b}"] = out[c] / out[b]
         out[f"{c} / a_read_1proc"] = out[c] / out["a_read_1proc"]
-        if f"a_read_{r['nproc']}proc" in out:
-            out[f"{c} / a_read_{r['nproc']}proc"] = out[c] / out[f"a_read_{r['nproc']}proc"]
+        for key in (f"{r['nproc']}proc", f"{r['nproc']}proc_tuned"):
+            if f"a_read_{key}" in out:
+                out[f"{c} / a_read_{key}"] = out[c] / out[f"a_read_{key}"]
     return out
 
 
@@ -238,7 +301,8 @@ def combine(results, name) -> dict:
     """Several small sets as one: times summed, so fixed costs weigh as they did (sets DIALS failed on left out)."""
     results = [r for r in results if "failed" not in r["dials"]]
     total = {"set": name, "n_images": sum(r["n_images"] for r in results), "nproc": results[0]["nproc"]}
-    keys = ["read_1proc_s"] + ([f"read_{total['nproc']}proc_s"] if f"read_{total['nproc']}proc_s" in results[0] else [])
+    keys = [k for k in ("read_1proc_s", f"read_{total['nproc']}proc_s", f"read_{total['nproc']}proc_tuned_s")
+            if k in results[0]]
     for k in keys:
         total[k] = sum(r[k] for r in results)
     total["dials"] = {k: sum(r["dials"][k] for r in results) for k in ("find_spots_s", "spot_counts_per_image_s")}
@@ -332,6 +396,7 @@ def main():
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("bench_vs_dials"))
     parser.add_argument("--n-sim", type=int, default=120, help="simulated Pilatus 6M stills (0: none)")
     parser.add_argument("--seed", type=int, default=606)
+    parser.add_argument("--sim-format", choices=sorted(SIM_FORMATS), default="minicbf")
     parser.add_argument("--sim-dir", type=pathlib.Path, help="reuse stills simulated earlier (shot_*.cbf)")
     parser.add_argument("--no-realdata", action="store_true")
     parser.add_argument("--model", type=pathlib.Path, help="crystal weights (default: shipped, else random)")
@@ -363,10 +428,12 @@ def main():
         stills = (
             sorted(args.sim_dir.glob("shot_*.cbf"))[: args.n_sim]
             if args.sim_dir
-            else simulate_stills(workdir / "pilatus6m_stills", args.n_sim, args.seed)
+            else simulate_stills(workdir / f"pilatus6m_{args.sim_format}", args.n_sim, args.seed, args.sim_format)
         )
-        sim_expt = dials_import([p.resolve() for p in stills], workdir / "sim")
-        result = bench_set("simulated Pilatus 6M stills, uncompressed CBF", sim_expt, model, args.nproc, args.batch_size)
+        # zero-oscillation miniCBFs would import as one-image sequences: stills, as serial data is processed
+        sim_expt = dials_import([p.resolve() for p in stills], workdir / f"sim_{args.sim_format}",
+                                "convert_sequences_to_stills=True")
+        result = bench_set(SIM_FORMATS[args.sim_format][1], sim_expt, model, args.nproc, args.batch_size)
         report["sets"].append(result)
         print_rates(result)
     if not args.no_realdata and REALDATA.is_dir():

@@ -20,7 +20,7 @@ phil_scope = load_phil("simulate")
 help_message = """
 Simulate X-ray diffraction stills (single and multi-lattice crystals, blanks,
 weak hits) on real detector models, with labels: resolution, number of
-lattices, hit. format=cbf writes shot_NNNNN.cbf + shot_NNNNN.json for
+lattices, hit. format=cbf (or minicbf for Pilatus) writes shot_NNNNN.cbf + shot_NNNNN.json for
 dials.import; format=shards writes training tensors.
 
 Examples::
@@ -65,8 +65,14 @@ def run(args=None, phil=phil_scope):
         logger.info("The following parameters have been modified:\n%s", diff)
     recipe = recipe_from(params)
     out = params.output.directory
-    if params.format == "cbf":
-        paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress)
+    if params.format in ("cbf", "minicbf"):
+        minicbf = params.format == "minicbf"
+        not_pilatus = [d for d in params.recipe.detectors if not d.startswith("pilatus")]
+        if minicbf and not_pilatus:
+            raise Sorry(f"format=minicbf is for Pilatus detectors only; not {not_pilatus}")
+        if minicbf and not params.compress:
+            raise Sorry("format=minicbf is always byte-offset compressed, as a Pilatus writes it (compress=False is for format=cbf)")
+        paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress, minicbf=minicbf)
         logger.info("Wrote %d images to %s (shot_NNNNN.cbf + .json labels)", len(paths), out)
         return
     jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc) for w in range(params.nproc)]

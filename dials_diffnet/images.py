@@ -87,7 +87,7 @@ def _image_number(imageset, index):
 
 @dataclass
 class RawImage:
-    pixels: list  # per-panel float32 arrays, overloads clipped to the trusted maximum
+    pixels: list  # per-panel counts (int32 from integer formats, else float32), overloads clipped to the trusted maximum
     valid: list  # per-panel bool arrays
     panels: tuple[PanelGeometry, ...]
     beam: BeamGeometry
@@ -116,6 +116,8 @@ def read_image(imageset, index) -> RawImage:
     """Read one image's raw panels: static masks applied, values at or below the trusted minimum
     and non-finite values invalid, overloads clipped to the trusted maximum.
 
+    Integer formats stay int32 (no per-pixel conversion: `represent` converts
+    only the per-cell maxima, to the same bits).
     Raises whatever dxtbx raises for unreadable files: the caller turns that into
     a per-image failure flag.
     """
@@ -126,10 +128,18 @@ def read_image(imageset, index) -> RawImage:
         raw = (raw,)
     pixels, valid = [], []
     for panel, data, mask in zip(detector, raw, static_masks(imageset, detector)):
-        values = data.as_numpy_array().astype(np.float32, copy=False)
+        values = data.as_numpy_array()
         lo, hi = panel.get_trusted_range()
-        with np.errstate(invalid="ignore"):
-            ok = mask & np.isfinite(values) & (values > lo)
-        pixels.append(np.minimum(values, np.float32(hi)))
+        integer = values.dtype == np.int32 and float(hi).is_integer()
+        if integer:
+            ok = mask & (values > lo)
+            if values.max(initial=0) > hi:
+                values = np.minimum(values, np.int32(min(hi, np.iinfo(np.int32).max)))
+        else:
+            values = values.astype(np.float32, copy=False)
+            with np.errstate(invalid="ignore"):
+                ok = mask & np.isfinite(values) & (values > lo)
+            values = np.minimum(values, np.float32(hi))
+        pixels.append(values)
         valid.append(ok)
     return RawImage(pixels=pixels, valid=valid, panels=detector_geometry(detector), beam=beam_geometry(beam))

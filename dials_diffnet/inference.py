@@ -13,10 +13,12 @@ judged gives a failure reason instead of stopping the run.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import re
+import signal
 from typing import Protocol
 
 import numpy as np
@@ -140,13 +142,17 @@ def image_failure(raw, trusted_max, max_saturated_fraction: float) -> str | None
     n_finite = n_finite_nonzero = n_valid = n_at_max = 0
     for pixels, valid, hi in zip(raw.pixels, raw.valid, trusted_max):
         pixels, valid = np.asarray(pixels), np.asarray(valid)
-        finite = np.isfinite(pixels)
+        if pixels.dtype.kind in "iu":  # integers are all finite: skip the float checks
+            n_finite += pixels.size
+            n_finite_nonzero += np.count_nonzero(pixels)
+        else:
+            finite = np.isfinite(pixels)
+            n_finite += np.count_nonzero(finite)
+            n_finite_nonzero += np.count_nonzero(finite & (pixels != 0))
         with np.errstate(invalid="ignore"):  # NaN compares False, quietly
-            at_max = valid & (pixels >= hi)
-        n_finite += np.count_nonzero(finite)
-        n_finite_nonzero += np.count_nonzero(finite & (pixels != 0))
+            if pixels.dtype.kind not in "iu" or (pixels.size and pixels.max() >= hi):  # skips two passes on most
+                n_at_max += np.count_nonzero(valid & (pixels >= hi))
         n_valid += np.count_nonzero(valid)
-        n_at_max += np.count_nonzero(at_max)
     if n_finite == 0:
         return "no finite pixel values (NaN/inf everywhere)"
     if n_finite_nonzero == 0:
@@ -201,7 +207,10 @@ def _image_sources(expt_path) -> list:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Item i: (i, representation tensor, failure reason or ""), for the i-th image of an .expt file."""
+    """Item i: (i, representation array, failure reason or ""), for the i-th image of an .expt file.
+
+    Arrays, not tensors: a 512 KB array pickles through the reader's pipe in well under a
+    millisecond, while a tensor goes through a new shared-memory segment per item (~7 ms here)."""
 
     def __init__(self, expt_path, n_images: int, grid: GridSpec, max_saturated_fraction: float):
         self.expt_path = str(expt_path)
@@ -225,7 +234,7 @@ class ImageDataset(torch.utils.data.Dataset):
         x, failure = self._represent(self._sources[i])
         if failure:
             x = np.zeros((N_CHANNELS, self.grid.size, self.grid.size), dtype=np.float32)
-        return i, torch.from_numpy(x), failure or ""
+        return i, x, failure or ""
 
     def _represent(self, source):
         if isinstance(source, str):
@@ -247,9 +256,39 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, None
 
 
-def _fresh_worker_sources(_worker_id):
+def reuse_freed_memory() -> None:
+    """Ask glibc to keep freed large blocks for reuse rather than give them back to the kernel.
+
+    Each image allocates and frees arrays of tens of MB (raw data, numpy copy,
+    masks). By default glibc maps every such array afresh and the kernel
+    zero-fills each page: on 6M-pixel miniCBF stills that was ~40% of a
+    reader's time (92 -> 50 ms per image, BENCHMARKS.md). Memory stays flat:
+    the same blocks are reused image after image. A no-op where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocate blocks up to 1 GB from the heap
+        libc.mallopt(-1, 2 << 30)  # M_TRIM_THRESHOLD: keep up to 2 GB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this reader when the main process dies, even by SIGKILL.
+
+    Otherwise a reader blocked on handing over an image (the pipe is full and nobody
+    reads it any more) would wait for ever. A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start_reader(_worker_id):
     # A forked worker must open its own files, not share the parent's readers.
     torch.utils.data.get_worker_info().dataset.forget_sources()
+    reuse_freed_memory()
+    _die_with_parent()
 
 
 def available_cores() -> int:
@@ -293,6 +332,10 @@ def prewarm_grid_maps(refs, grid: GridSpec, max_geometries: int = 4) -> None:
                 return
 
 
+def _as_is(item):
+    return item
+
+
 def _batches(items, batch_size: int):
     """Consecutive items grouped into lists of up to batch_size."""
     batch = []
@@ -312,6 +355,7 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
     images are in flight); the model sees batches of batch_size assembled here.
     """
     refs = list(refs)
+    reuse_freed_memory()
     dataset = ImageDataset(expt_path, len(refs), task.grid, max_saturated_fraction)
     forked = nproc > 0 and torch.multiprocessing.get_start_method() == "fork"
     if forked:
@@ -321,8 +365,9 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
         batch_size=None,  # per image; batching happens below
         shuffle=False,
         num_workers=nproc,
-        worker_init_fn=_fresh_worker_sources if nproc > 0 else None,
+        worker_init_fn=_start_reader if nproc > 0 else None,
         prefetch_factor=4 if nproc > 0 else None,
+        collate_fn=_as_is,  # keep items as numpy arrays (see ImageDataset)
     )
     # On CUDA, batches are assembled in page-locked memory so the copy to the GPU runs asynchronously.
     # Reusing the buffer is safe: predict_batch returns host values, so its copy has finished by then.
@@ -336,7 +381,7 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
             indices, tensors, failures = zip(*batch)
             good = [k for k, f in enumerate(failures) if not f]
             if good:
-                x = [tensors[k] for k in good]
+                x = [torch.from_numpy(tensors[k]) for k in good]
                 x = torch.stack(x) if pinned is None else torch.stack(x, out=pinned[: len(good)])
                 for k, f in zip(good, task.predict_batch(x)):
                     records[indices[k]] = predicted_record(refs[indices[k]], f)

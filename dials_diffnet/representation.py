@@ -95,12 +95,18 @@ def _azimuth_frame(beam: BeamGeometry):
 class GridMap:
     """Precomputed pixel -> grid-cell assignment for one detector + beam geometry.
 
-    `order` picks, from all panels' pixels flattened and concatenated, those
-    that land inside the grid, sorted by cell; `starts` marks where each
-    occupied cell's run begins, `cells` is that cell's flat index.
+    All panels' pixels, flattened and concatenated, fall into runs of
+    neighbours that share a cell (or share being outside the grid): `run_starts`
+    marks where each run begins and `run_cells` is its cell (-1: outside). A
+    cell's maximum is the maximum of its runs' maxima, so `represent` reads the
+    pixels once in memory order and gathers only the ~100x fewer run maxima:
+    `run_order` lists the inside runs sorted by cell, `starts` marks where
+    each occupied cell begins in it, `cells` is that cell's flat index.
     """
 
-    order: np.ndarray
+    run_starts: np.ndarray
+    run_cells: np.ndarray
+    run_order: np.ndarray
     starts: np.ndarray
     cells: np.ndarray
     n_pixels: int
@@ -124,15 +130,16 @@ def build_grid_map(
         inside = (col >= 0) & (col < grid.size) & (row >= 0) & (row < grid.size)
         flat_cells.append(np.where(inside, row * grid.size + col, -1).ravel())
     cell_of_pixel = np.concatenate(flat_cells)
-    inside = np.flatnonzero(cell_of_pixel >= 0)
-    # a stable sort of 16-bit keys is a radix sort in numpy: linear in the pixel count
-    keys = cell_of_pixel[inside]
-    keys = keys.astype(np.uint16) if grid.size**2 <= 1 << 16 else keys
-    order = inside[np.argsort(keys, kind="stable")]
-    sorted_cells = cell_of_pixel[order]
+    run_starts = np.flatnonzero(np.r_[True, cell_of_pixel[1:] != cell_of_pixel[:-1]])
+    run_cells = cell_of_pixel[run_starts]
+    inside_runs = np.flatnonzero(run_cells >= 0)
+    run_order = inside_runs[np.argsort(run_cells[inside_runs], kind="stable")]
+    sorted_cells = run_cells[run_order]
     starts = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
     return GridMap(
-        order=order,
+        run_starts=run_starts,
+        run_cells=run_cells,
+        run_order=run_order,
         starts=starts,
         cells=sorted_cells[starts],
         n_pixels=cell_of_pixel.size,
@@ -149,6 +156,35 @@ def cached_grid_map(
     return build_grid_map(panels, beam, grid)
 
 
+_INT32_MIN = np.iinfo(np.int32).min
+
+
+def _masked_flat(pixels, valid) -> np.ndarray:
+    """All panels' pixels in one flat array, invalid ones lowered below every valid value.
+
+    Integer data stay integers (int32, invalid -> INT32_MIN): the max of integers
+    converted afterwards equals the max of the converted values, since the
+    conversion to float32 never reverses an order, so skipping the per-pixel
+    conversion changes no output bit. Anything else (or a valid pixel AT
+    INT32_MIN, which would read as invalid) becomes float32, invalid or
+    non-finite -> -inf.
+    """
+    as_int = all(p.dtype.kind in "iu" and np.can_cast(p.dtype, np.int32) for p in pixels) and not any(
+        p.dtype == np.int32 and p.size and p.min() == _INT32_MIN for p in pixels
+    )
+    dtype, lowest = (np.int32, _INT32_MIN) if as_int else (np.float32, -np.inf)
+    flat = np.empty(sum(p.size for p in pixels), dtype=dtype)
+    start = 0
+    for p, v in zip(pixels, valid):
+        part = flat[start : start + p.size].reshape(p.shape)
+        with np.errstate(over="ignore"):  # beyond float32's range is inf: invalid, as documented
+            part[...] = p
+        # a plain copy, then the invalid pixels lowered: fewer passes than a masked copy into a filled array
+        np.copyto(part, lowest, where=~v if as_int else ~(v & np.isfinite(part)))
+        start += p.size
+    return flat
+
+
 def represent(pixels, valid, grid_map: GridMap) -> np.ndarray:
     """Image -> network input, float32 array (N_CHANNELS, size, size) for grid_map.grid.
 
@@ -157,23 +193,21 @@ def represent(pixels, valid, grid_map: GridMap) -> np.ndarray:
     Overloaded pixels should be passed clipped to the trusted maximum and valid:
     a saturated Bragg spot is still signal.
     """
-    values = np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in pixels])
-    ok = np.concatenate([np.asarray(v, dtype=bool).ravel() for v in valid])
-    if values.size != grid_map.n_pixels:
-        raise ValueError(
-            f"image has {values.size} pixels but its geometry has {grid_map.n_pixels}"
-        )
-    ok &= np.isfinite(values)
-    picked = values[grid_map.order]
-    picked_ok = ok[grid_map.order]
-    picked[~picked_ok] = -np.inf
-    cell_max = np.maximum.reduceat(picked, grid_map.starts)
-    seen = np.isfinite(cell_max)
+    pixels = [np.asarray(p) for p in pixels]
+    valid = [np.asarray(v, dtype=bool) for v in valid]
+    n_pixels = sum(p.size for p in pixels)
+    if n_pixels != grid_map.n_pixels:
+        raise ValueError(f"image has {n_pixels} pixels but its geometry has {grid_map.n_pixels}")
+    flat = _masked_flat(pixels, valid)
+    # max per run of neighbours in memory order, then per cell over its runs: one sequential pass over the pixels
+    run_max = np.maximum.reduceat(flat, grid_map.run_starts)
+    cell_max = np.maximum.reduceat(run_max[grid_map.run_order], grid_map.starts)
+    seen = cell_max > (_INT32_MIN if flat.dtype == np.int32 else -np.inf)
 
     size = grid_map.grid.size
     out = np.zeros((N_CHANNELS, size * size), dtype=np.float32)
     cells = grid_map.cells[seen]
-    level = np.log1p(np.maximum(cell_max[seen], 0.0))
+    level = np.log1p(np.maximum(cell_max[seen].astype(np.float32), 0.0))
     if level.size:
         level -= np.median(level)
     out[0, cells] = level

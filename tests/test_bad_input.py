@@ -94,7 +94,7 @@ def test_nan_everywhere_is_a_failure_not_a_prediction(messy):
     experiments = ExperimentListFactory.from_filenames([str(files["good"])])
     raw = read_image(experiments[0].imageset, 0)
     assert image_failure(raw, [TRUSTED_MAX], 0.5) is None
-    raw.pixels = [np.full_like(p, np.nan) for p in raw.pixels]
+    raw.pixels = [np.full(p.shape, np.nan, np.float32) for p in raw.pixels]  # as a float format would give
     raw.valid = [np.zeros_like(v) for v in raw.valid]
     assert image_failure(raw, [TRUSTED_MAX], 0.5).startswith("no finite pixel values")
 

@@ -77,3 +77,51 @@ def test_grid_spec_reach():
     gm = build_grid_map(flat_detector(distance=2000.0), BEAM, small)
     x = represent([np.ones((400, 400), np.float32)], [np.ones((400, 400), bool)], gm)
     assert x.shape == (2, 64, 64) and x[1].mean() > 0.5
+
+
+def _reference_represent(pixels, valid, grid_map):
+    """The plain statement of represent(): float32 values, invalid or non-finite -> -inf, max per cell
+    over each pixel's cell. The fast version must give the same bits (the training shards were made
+    with this arithmetic, pixel by pixel)."""
+    with np.errstate(over="ignore"):
+        values = np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in pixels])
+    ok = np.concatenate([np.asarray(v, dtype=bool).ravel() for v in valid]) & np.isfinite(values)
+    cell_of_pixel = np.repeat(grid_map.run_cells, np.diff(np.r_[grid_map.run_starts, grid_map.n_pixels]))
+    size2 = grid_map.grid.size**2
+    cell_max = np.full(size2, -np.inf, np.float32)
+    inside = cell_of_pixel >= 0
+    np.maximum.at(cell_max, cell_of_pixel[inside], np.where(ok, values, -np.inf).astype(np.float32)[inside])
+    seen = np.isfinite(cell_max)
+    out = np.zeros((2, size2), np.float32)
+    level = np.log1p(np.maximum(cell_max[seen], 0.0))
+    if level.size:
+        level -= np.median(level)
+    out[0, seen] = level
+    out[1, seen] = 1.0
+    return out.reshape(2, grid_map.grid.size, grid_map.grid.size)
+
+
+def test_fast_represent_is_bit_identical_to_the_plain_arithmetic():
+    two_panels = flat_detector(n=300) + flat_detector(distance=150.0, n=300, beam_centre=(-20.0, 150.0))
+    gm = build_grid_map(two_panels, BEAM)
+    rng = np.random.default_rng(0)
+    shape = (300, 300)
+    for dtype in (np.int32, np.uint16, np.int16, np.float32, np.float64, np.uint32):
+        pixels = []
+        for _ in two_panels:
+            p = rng.poisson(3.0, size=shape).astype(np.float64)
+            p[rng.random(shape) < 0.01] = rng.integers(100, 70000, size=1)[0]  # spots, some beyond uint16
+            p[rng.random(shape) < 0.01] = -2  # dead pixels
+            if np.dtype(dtype).kind == "f":
+                p[rng.random(shape) < 0.001] = np.nan
+                p[rng.random(shape) < 0.001] = np.inf
+                p[0, 0] = 1e39  # finite in float64, inf in float32: invalid as in the plain version
+            info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+            pixels.append(np.clip(p, info.min, info.max).astype(dtype) if info else p.astype(dtype))
+        valid = [rng.random(shape) > 0.05 for _ in two_panels]
+        assert np.array_equal(represent(pixels, valid, gm), _reference_represent(pixels, valid, gm)), dtype
+    # a valid int32 pixel at the lowest int32 (what invalid pixels are lowered to) takes the float path, still seen
+    pixels[0] = pixels[0].astype(np.int32)
+    pixels[0][150, 150] = np.iinfo(np.int32).min
+    valid[0][150, 150] = True
+    assert np.array_equal(represent(pixels, valid, gm), _reference_represent(pixels, valid, gm))

@@ -101,26 +101,30 @@ def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, wor
         log(f"shard {k + 1}/{n_shards} done ({time.time() - t0:.0f} s)")
 
 
-def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0):
-    """CBF files + per-image JSON (params and labels), for DIALS and for format tests."""
-    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf
+def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0, minicbf=False):
+    """CBF files + per-image JSON (params and labels), for DIALS and for format tests.
+
+    minicbf=True writes Pilatus miniCBF (single flat photon-counting panels only)."""
+    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf, write_minicbf
     from dials_diffnet.simulate.detectors import to_dxtbx
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0, extra={"format": "cbf", "first_index": start})
+    write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0,
+                extra={"format": "minicbf" if minicbf else "cbf", "first_index": start})
     paths = []
     for i, shot, image in iter_shots(dataset_seed, range(start, start + n_images), recipe):
         stem = out_dir / f"shot_{i + 1:05d}"  # frame numbers from 1, as DIALS counts them
         frame = image.frame
-        write_cbf(
-            f"{stem}.cbf",
-            to_dxtbx(frame.model, frame.panels),
-            dxtbx_beam(shot.wavelength, polarization=shot.polarization),
-            image.pixels,
-            integer=frame.model.counting or frame.model.name == "rayonix340",
-            compress=compress,
-        )
+        detector = to_dxtbx(frame.model, frame.panels)
+        beam = dxtbx_beam(shot.wavelength, polarization=shot.polarization)
+        if minicbf:
+            if not frame.model.counting or len(frame.panels) != 1:
+                raise ValueError(f"{frame.model.name} cannot be written as a Pilatus miniCBF")
+            write_minicbf(f"{stem}.cbf", detector, beam, image.pixels[0], model=frame.model.name.removeprefix("pilatus").upper())
+        else:
+            integer = frame.model.counting or frame.model.name == "rayonix340"
+            write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=integer, compress=compress)
         record = {"image": f"{stem.name}.cbf", "seed": shot.seed, "dataset_seed": dataset_seed, "index": i,
                   "params": shot.to_json(), "labels": image.labels}
         _atomic_write(pathlib.Path(f"{stem}.json"), json.dumps(record, indent=1).encode())
