@@ -109,12 +109,9 @@ def _read_share(expt_path, share, n_shares, barrier, seconds, tuned=False):
 def time_bare_read(expt_path, nproc: int, tuned: bool = False) -> float:
     """Seconds to read every raw frame with nproc processes reading interleaved shares.
 
-    tuned: with diffnet's allocator setting (inference.reuse_freed_memory), run in a fresh process."""
-    if nproc == 1 and not tuned:
-        seconds = [0.0]
-        _read_share(expt_path, 0, 1, _NoBarrier(), seconds)
-        return seconds[0]
-    context = multiprocessing.get_context("fork")
+    Fresh (spawned) processes, so no allocator setting leaks in from an earlier
+    in-process diffnet run; tuned: with diffnet's (inference.reuse_freed_memory)."""
+    context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(nproc)
     seconds = context.Array("d", nproc)
     workers = [context.Process(target=_read_share, args=(expt_path, k, nproc, barrier, seconds, tuned))
@@ -124,11 +121,6 @@ def time_bare_read(expt_path, nproc: int, tuned: bool = False) -> float:
     for w in workers:
         w.join()
     return max(seconds)
-
-
-class _NoBarrier:
-    def wait(self):
-        pass
 
 
 # --- (b) DIALS ---------------------------------------------------------------------------------
@@ -206,28 +198,40 @@ def time_dials_split(expt_path, nproc: int) -> dict | None:
 # --- (c) diffnet.predict -------------------------------------------------------------------------
 
 
-def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu") -> dict:
-    """End to end as a subprocess, then in-process with start-up (imports, model, grid map) excluded."""
+def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu", repeats: int = 3) -> dict:
+    """End to end as a subprocess, then in-process with start-up (imports, model, grid map) excluded.
+
+    Each is run `repeats` times and the median kept: single runs of a few seconds move by
+    tens of percent on a shared 2-core machine (all runs are in the report)."""
+    import statistics
+
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_diffnet.images import iter_image_refs
     from dials_diffnet.inference import CrystalTask, predict_images, prewarm_grid_maps
 
     cwd = expt_path.parent
-    subprocess_s = run_command(
-        [diffnet_script("predict"), expt_path, f"model.crystal={model}", f"nproc={nproc}",
-         f"batch_size={batch_size}", f"device={device}"],
-        cwd,
-    )
+    subprocess_runs = [
+        run_command(
+            [diffnet_script("predict"), expt_path, f"model.crystal={model}", f"nproc={nproc}",
+             f"batch_size={batch_size}", f"device={device}"],
+            cwd,
+        )
+        for _ in range(repeats)
+    ]
     task = CrystalTask(model, device)
     refs = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=False)))
     prewarm_grid_maps(refs, task.grid)
-    start = time.perf_counter()
-    records = predict_images(task, expt_path, refs, batch_size=batch_size, nproc=nproc)
-    in_process_s = time.perf_counter() - start
+    in_process_runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        records = predict_images(task, expt_path, refs, batch_size=batch_size, nproc=nproc)
+        in_process_runs.append(time.perf_counter() - start)
     return {
-        "subprocess_s": subprocess_s,
-        "in_process_s": in_process_s,
+        "subprocess_s": statistics.median(subprocess_runs),
+        "in_process_s": statistics.median(in_process_runs),
+        "subprocess_runs_s": subprocess_runs,
+        "in_process_runs_s": in_process_runs,
         "images_judged": sum(r.ok for r in records),
         "failures": sorted({r.failure for r in records if not r.ok}),
     }

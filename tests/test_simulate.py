@@ -124,3 +124,45 @@ def test_dials_indexes_single_lattice_and_recovers_cell(single_lattice_images):
     indexed = ExperimentListFactory.from_json_file(str(out / "indexed.expt"), check_format=False)
     found = indexed[0].crystal.get_unit_cell().parameters()
     assert np.allclose(found[:3], cell[:3], rtol=0.015)
+
+
+SERIAL_CELL = (79.1, 79.1, 37.9, 90.0, 90.0, 90.0)  # lysozyme-like, tetragonal
+
+
+def serial_recipe(lattice_counts):
+    """Strong serial-crystallography shots of one known cell; extra lattices randomly oriented."""
+    return Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=lattice_counts, p_small_misorientation=0.0,
+                  unit_cell=SERIAL_CELL, crystal_system="tetragonal", exposure=(500.0, 3000.0), b_factor=(5.0, 20.0),
+                  p_ice=0.0)
+
+
+def lattices_found(directory, recipe):
+    """dials.import + find_spots + dials.index (known symmetry, max_lattices=3) on shot 0 of data set 7."""
+    directory.mkdir()
+    paths = write_images(directory, 7, 1, recipe)
+    dials("dials.import", *paths, cwd=directory)
+    dials("dials.find_spots", "imported.expt", "nproc=1", cwd=directory)
+    dials("dials.index", "imported.expt", "strong.refl", "stills.indexer=sequences", "space_group=P4",
+          "unit_cell=" + ",".join(map(str, SERIAL_CELL)), "indexing.multiple_lattice_search.max_lattices=3",
+          cwd=directory)
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    indexed = ExperimentListFactory.from_json_file(str(directory / "indexed.expt"), check_format=False)
+    return read_image_labels(paths[0])["labels"], indexed.crystals()
+
+
+def test_dials_finds_more_lattices_on_multi_lattice_images(tmp_path):
+    multi_labels, multi = lattices_found(tmp_path / "multi", serial_recipe((0.0, 0.0, 1.0)))
+    single_labels, single = lattices_found(tmp_path / "single", serial_recipe((1.0, 0.0, 0.0)))
+    assert multi_labels["n_lattices"] == 3 and multi_labels["is_multi"] and min(multi_labels["lattice_shares"]) > 0.25
+    assert single_labels["n_lattices"] == 1 and not single_labels["is_multi"]
+    assert len(multi) == 3 and len(single) == 1
+    for crystal in multi + single:  # every lattice found is the simulated cell, not a spurious one
+        assert np.allclose(crystal.get_unit_cell().parameters()[:3], SERIAL_CELL[:3], rtol=0.02)
+    # three distinct orientations: pairwise misorientation well above refinement noise
+    from scitbx import matrix
+
+    for i in range(3):
+        for j in range(i + 1, 3):
+            r = matrix.sqr(multi[i].get_U()) * matrix.sqr(multi[j].get_U()).transpose()
+            assert np.degrees(np.arccos(np.clip((r.trace() - 1) / 2, -1, 1))) > 5.0
