@@ -218,6 +218,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.grid = grid
         self.max_saturated_fraction = max_saturated_fraction
         self._sources = None  # loaded lazily, in the process that reads
+        self.parent_pid = os.getpid()
 
     def __getstate__(self):
         return dict(self.__dict__, _sources=None)
@@ -285,10 +286,13 @@ def _die_with_parent() -> None:
 
 
 def _start_reader(_worker_id):
-    # A forked worker must open its own files, not share the parent's readers.
-    torch.utils.data.get_worker_info().dataset.forget_sources()
-    reuse_freed_memory()
+    dataset = torch.utils.data.get_worker_info().dataset
     _die_with_parent()
+    if os.getppid() != dataset.parent_pid:  # the main process died before the line above took effect
+        os._exit(1)
+    # A forked worker must open its own files, not share the parent's readers.
+    dataset.forget_sources()
+    reuse_freed_memory()
 
 
 def available_cores() -> int:

@@ -27,14 +27,43 @@ def _conv(c_in, c_out, stride=1):
 
 
 class PattersonChannel(nn.Module):
-    """Appends log1p|FFT| of channel 0 (x validity, minus its valid mean, Hann window), centred, scaled to max 1."""
+    """Appends log1p|FFT| of a flattened pattern (x validity, Hann window), centred, scaled to max 1.
+
+    mode "log": the pattern is channel 0 (log intensity) minus its valid mean.
+    mode "flat": the pattern is intensity exp(channel 0) over its mean at the same |q|, minus 1:
+    the steep fall of intensity with |q| divided out, so the Fourier transform is the
+    autocorrelation of the particle cluster (the convolution theorem holds for intensity,
+    not for its logarithm) with fringes from every |q| weighted alike.
+    """
+
+    def __init__(self, mode="log"):
+        super().__init__()
+        if mode not in ("log", "flat"):
+            raise ValueError(f"unknown Patterson mode {mode!r}")
+        self.mode = mode
+
+    def _flattened(self, x, valid):
+        size = x.shape[-1]
+        centre = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) - size / 2
+        radius = torch.hypot(centre[:, None], centre[None, :]).round().long().reshape(-1)
+        n_bins = int(radius.max()) + 1
+        intensity = torch.exp(x[:, 0]) * valid
+        flat_i, flat_v = intensity.reshape(len(x), -1), valid.reshape(len(x), -1)
+        index = radius.expand_as(flat_i)
+        sums = torch.zeros(len(x), n_bins, device=x.device, dtype=x.dtype).scatter_add_(1, index, flat_i)
+        counts = torch.zeros_like(sums).scatter_add_(1, index, flat_v)
+        mean = (sums / counts.clamp_min(1)).gather(1, index).reshape_as(intensity)
+        return (intensity / mean.clamp_min(1e-6) - 1) * valid
 
     def forward(self, x):
         size = x.shape[-1]
         window = torch.hann_window(size, periodic=False, device=x.device, dtype=x.dtype)
         valid = x[:, 1]
-        level = (x[:, 0] * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
-        img = (x[:, 0] - level) * valid * window[:, None] * window[None, :]
+        if self.mode == "flat":
+            img = self._flattened(x, valid) * window[:, None] * window[None, :]
+        else:
+            level = (x[:, 0] * valid).sum((1, 2), keepdim=True) / valid.sum((1, 2), keepdim=True).clamp_min(1)
+            img = (x[:, 0] - level) * valid * window[:, None] * window[None, :]
         spectrum = torch.log1p(torch.fft.fftshift(torch.fft.fft2(img).abs(), dim=(-2, -1)))
         spectrum = spectrum / spectrum.amax((1, 2), keepdim=True).clamp_min(1e-6)
         return torch.cat([x, spectrum[:, None]], dim=1)
@@ -46,8 +75,10 @@ class SpiTrunk(nn.Module):
     def __init__(self, width=8, in_channels=2, patterson=True):
         super().__init__()
         widths = [width, 2 * width, 4 * width, 8 * width, 8 * width]
-        self.patterson = PattersonChannel() if patterson else nn.Identity()
-        layers, c_in = [], in_channels + int(patterson)
+        # patterson: False, True (= "log", the first shipped models) or a PattersonChannel mode
+        mode = "log" if patterson is True else patterson
+        self.patterson = PattersonChannel(mode) if patterson else nn.Identity()
+        layers, c_in = [], in_channels + int(bool(patterson))
         for stage, c in enumerate(widths):
             layers += _conv(c_in, c, stride=2 if stage == 0 else 1) + _conv(c, c)
             if stage < len(widths) - 1:

@@ -22,7 +22,7 @@ from dials_diffnet.spi.simulate import MAX_COUNT, represent_shot, shot_params, s
 logger = logging.getLogger("dials.diffnet.spi.dataset")
 
 # Disjoint seed ranges: a training seed can never reappear in a test set.
-SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000}
+SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000, "validation": 5_000_000}
 
 
 @dataclass(frozen=True)

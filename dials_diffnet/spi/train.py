@@ -180,6 +180,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="override both models' epochs")
     parser.add_argument("--workers", type=int, default=2, help="simulation processes")
     parser.add_argument("--only", choices=("multi", "twin"), help="train one model (run the two side by side)")
+    parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -191,6 +192,8 @@ def main(argv=None):
     multi_config, twin_config = dict(MULTI), dict(TWIN)
     if args.epochs:
         multi_config["epochs"] = twin_config["epochs"] = args.epochs
+    if args.patterson:
+        multi_config["patterson"] = twin_config["patterson"] = args.patterson
 
     if args.only != "twin":
         train_and_save_multi(sets, multi_config, data_seconds, out)
