@@ -37,8 +37,8 @@ from dials_diffnet.weights import save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
 
-MULTI = dict(width=8, patterson=True, epochs=20, batch=32, lr=3e-3, weight_decay=1e-4)
-TWIN = dict(width=8, patterson=True, embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
+MULTI = dict(width=8, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4)
+TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
             lr=3e-3)
 
 
@@ -151,8 +151,9 @@ def simulator_card(sets: dict) -> dict:
 LIMITATIONS = (
     "Trained only on simulated patterns (coarse-grained bead models, pnCCD-like detector, distance x wavelength "
     "2000-3200 mm*A) on one CPU thread for ~7 CPU minutes per model (4800 patterns, 20 epochs); not validated on "
-    "real SPI data. 4-class count accuracy is ~80 %, far below the 99 % target: 3 vs 4 particles is the main "
-    "confusion. Single-vs-multi is ~99 % on seen types, ~90 % with the twin network on unseen types."
+    "real SPI data. 4-class count accuracy is ~84-85 % (multi-output CNN), far below the 99 % target: 3 vs 4 "
+    "particles is the main confusion. Single-vs-multi is ~99 % on seen types, ~90 % with the twin network on "
+    "unseen types."
 )
 
 
