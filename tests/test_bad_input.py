@@ -25,6 +25,7 @@ from test_predict import (
 
 from diffnet.filter import run as filter_run
 from diffnet.predict import run as predict_run
+from diffnet.simulate import run as simulate_run
 from dials_diffnet.images import iter_image_refs, read_image
 from dials_diffnet.inference import image_failure
 from dials_diffnet.weights import shipped_path
@@ -177,3 +178,16 @@ def test_tampered_and_missing_weights(in_tmp, other_stills, crystal_model):  # n
 def test_spi_missing_reference_set(in_tmp, other_stills):
     expt, _ = other_stills
     assert_sorry(predict_run, [expt, "task=spi", "spi.reference=no_such_support.cxi"], "does not exist")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["format=minicbf", "recipe.detectors=cspad"], "Pilatus detectors only"),
+        (["format=minicbf", "recipe.detectors=pilatus6m", "compress=False"], "always byte-offset"),
+        (["recipe.detectors=nosuchdetector"], "Unknown detector"),
+    ],
+)
+def test_simulate_refuses_what_it_cannot_write(in_tmp, args, words):
+    assert_sorry(simulate_run, ["n_images=1", "output.directory=out", "output.log=None", *args], words)
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").glob("shot_*"))
