@@ -16,7 +16,9 @@ dials.import images/shot_*.cbf
 diffnet.predict imported.expt
 diffnet.filter imported.expt diffnet.json max_p_multi=0.5 min_p_hit=0.5
 dials.find_spots filtered.expt nproc=2
-dials.index filtered.expt strong.refl stills.indexer=sequences unit_cell=$cell space_group=P4 \
+# each kept still indexed on its own against the known cell, as serial data are (dials.ssx_index does the same)
+dials.index filtered.expt strong.refl stills.indexer=sequences indexing.joint_indexing=False \
+  indexing.method=real_space_grid_search unit_cell=$cell space_group=P4 \
   refinement.parameterisation.detector.fix=all refinement.parameterisation.beam.fix=all
 diffnet.evaluate predictions=diffnet.json dials_baseline=True
 echo "Demo outputs are in $work"
