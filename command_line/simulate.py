@@ -10,7 +10,7 @@ from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 
 from dials_diffnet.simulate.dataset import generate_shards, write_images
-from dials_diffnet.simulate.detectors import DETECTORS
+from dials_diffnet.simulate.detectors import DETECTORS, pilatus_model
 from dials_diffnet.simulate.stills import Recipe
 from dials_diffnet.util import load_phil
 
@@ -67,7 +67,7 @@ def run(args=None, phil=phil_scope):
     out = params.output.directory
     if params.format in ("cbf", "minicbf"):
         minicbf = params.format == "minicbf"
-        not_pilatus = [d for d in params.recipe.detectors if not d.startswith("pilatus")]
+        not_pilatus = [d for d in params.recipe.detectors if pilatus_model(d) is None]
         if minicbf and not_pilatus:
             raise Sorry(f"format=minicbf is for Pilatus detectors only; not {not_pilatus}")
         if minicbf and not params.compress:

@@ -257,6 +257,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, None
 
 
+def _libc():
+    """glibc through ctypes, or None where there is none (the calls below are then no-ops)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def reuse_freed_memory() -> None:
     """Ask glibc to keep freed large blocks for reuse rather than give them back to the kernel.
 
@@ -266,12 +274,10 @@ def reuse_freed_memory() -> None:
     reader's time (92 -> 50 ms per image, BENCHMARKS.md). Memory stays flat:
     the same blocks are reused image after image. A no-op where this is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
+    if libc is not None:
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocate blocks up to 1 GB from the heap
         libc.mallopt(-1, 2 << 30)  # M_TRIM_THRESHOLD: keep up to 2 GB of freed heap
-    except (OSError, AttributeError):
-        pass
 
 
 def _die_with_parent() -> None:
@@ -279,10 +285,9 @@ def _die_with_parent() -> None:
 
     Otherwise a reader blocked on handing over an image (the pipe is full and nobody
     reads it any more) would wait for ever. A no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _start_reader(_worker_id):

@@ -54,6 +54,13 @@ def dxtbx_beam(wavelength, direction=(0.0, 0.0, -1.0), polarization=0.999):
     return beam
 
 
+def _write_atomically(cbf, path):
+    """Write the CBF handle next to `path`, then move it into place: no half-written image is ever seen."""
+    tmp = f"{path}.part"
+    cbf.write_widefile(tmp.encode(), pycbf.CBF, pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K, 0)
+    os.replace(tmp, path)
+
+
 def write_cbf(path, detector, beam, pixels, integer=True, compress=True):
     """One full CBF (any number of panels), written atomically; `pixels` is a list of 2-D arrays."""
     writer = FullCBFWriter(imageset=_Models(detector, beam, str(path)))
@@ -79,9 +86,7 @@ def write_cbf(path, detector, beam, pixels, integer=True, compress=True):
         else:
             a = np.ascontiguousarray(data, dtype="<f8")
             cbf.set_realarray_wdims_fs(compression, i + 1, a.tobytes(), 8, a.size, b"little_endian", nf, ns, 1, 0)
-    tmp = f"{path}.part"
-    cbf.write_widefile(tmp.encode(), pycbf.CBF, pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K, 0)
-    os.replace(tmp, path)
+    _write_atomically(cbf, path)
 
 
 _PILATUS_HEADER = """
@@ -148,6 +153,4 @@ def write_minicbf(path, detector, beam, pixels, model="6M"):
     a = np.ascontiguousarray(np.rint(pixels), dtype="<i4")
     ns, nf = a.shape
     cbf.set_integerarray_wdims_fs(pycbf.CBF_BYTE_OFFSET, 1, a.tobytes(), 4, 1, a.size, b"little_endian", nf, ns, 1, 0)
-    tmp = f"{path}.part"
-    cbf.write_widefile(tmp.encode(), pycbf.CBF, pycbf.MIME_HEADERS | pycbf.MSG_DIGEST | pycbf.PAD_4K, 0)
-    os.replace(tmp, path)
+    _write_atomically(cbf, path)

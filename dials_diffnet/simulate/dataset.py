@@ -106,7 +106,7 @@ def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0
 
     minicbf=True writes Pilatus miniCBF (single flat photon-counting panels only)."""
     from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf, write_minicbf
-    from dials_diffnet.simulate.detectors import to_dxtbx
+    from dials_diffnet.simulate.detectors import pilatus_model, to_dxtbx
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,9 +119,10 @@ def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0
         detector = to_dxtbx(frame.model, frame.panels)
         beam = dxtbx_beam(shot.wavelength, polarization=shot.polarization)
         if minicbf:
-            if not frame.model.counting or len(frame.panels) != 1:
+            model = pilatus_model(frame.model.name)
+            if model is None:
                 raise ValueError(f"{frame.model.name} cannot be written as a Pilatus miniCBF")
-            write_minicbf(f"{stem}.cbf", detector, beam, image.pixels[0], model=frame.model.name.removeprefix("pilatus").upper())
+            write_minicbf(f"{stem}.cbf", detector, beam, image.pixels[0], model=model)
         else:
             integer = frame.model.counting or frame.model.name == "rayonix340"
             write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=integer, compress=compress)

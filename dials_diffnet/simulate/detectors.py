@@ -170,3 +170,8 @@ def to_dxtbx(model: DetectorModel, panels: tuple[PanelGeometry, ...]):
         p.set_trusted_range(model.trusted_range)
         p.set_frame(pg.fast, pg.slow, pg.origin)
     return detector
+
+
+def pilatus_model(detector_name: str) -> str | None:
+    """The Pilatus model a miniCBF header names for one of our detector models ("6M"), or None."""
+    return detector_name.removeprefix("pilatus").upper() if detector_name.startswith("pilatus") else None

@@ -64,6 +64,16 @@ def _filled(inside: Callable[[np.ndarray], np.ndarray], extent: float, spacing: 
     return Beads(points, electrons, sigma=0.35 * spacing)
 
 
+def _spherical_shell(outer: float, inner: float, extent: float, spacing: float) -> Beads:
+    """Beads between radii `inner` and `outer` (Angstrom) about the origin."""
+
+    def inside(p):
+        r = np.linalg.norm(p, axis=1)
+        return (r <= outer) & (r >= inner)
+
+    return _filled(inside, extent, spacing)
+
+
 def _ellipsoid(p, centre, radii):
     return (((p - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(axis=1) <= 1.0
 
@@ -194,24 +204,12 @@ def ribosome():
 
 def vesicle():
     """Lipid vesicle / nanoparticle: spherical shell, 40 nm outer diameter, 4 nm wall."""
-    spacing = 16.0
-
-    def inside(p):
-        r = np.linalg.norm(p, axis=1)
-        return (r <= 200.0) & (r >= 160.0)
-
-    return _filled(inside, 210.0, spacing)
+    return _spherical_shell(outer=200.0, inner=160.0, extent=210.0, spacing=16.0)
 
 
 def ferritin():
     """Ferritin-like cage: hollow sphere 12 nm outer, 8 nm inner diameter."""
-    spacing = 6.0
-
-    def inside(p):
-        r = np.linalg.norm(p, axis=1)
-        return (r <= 60.0) & (r >= 40.0)
-
-    return _filled(inside, 66.0, spacing)
+    return _spherical_shell(outer=60.0, inner=40.0, extent=66.0, spacing=6.0)
 
 
 def torus():
