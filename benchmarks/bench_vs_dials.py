@@ -3,8 +3,10 @@
 For each image set:
   (a)  bare dxtbx reading: imageset.get_raw_data(i) over every image, one process
        (and with nproc processes, the read-limited rate for that many readers);
-  (a*) the nproc-process read with the allocator setting diffnet's readers use
-       (inference.reuse_freed_memory): the read limit diffnet is measured against;
+  (a*) the nproc-process read again: with the allocator setting diffnet's readers
+       use (inference.reuse_freed_memory); with diffnet's own raw read (numpy for
+       uncompressed CBF, where cbflib copies element by element); and reading the
+       files' bytes only, the floor under any reader (READ_MODES);
   (b)  what users run today: dials.find_spots nproc=<cores>, then the per-image
        resolution estimate dials.spot_counts_per_image (per_image_analysis
        estimated_d_min), both timed, plus that estimate in-process;
@@ -89,32 +91,48 @@ def dials_import(files, directory: pathlib.Path, *options) -> pathlib.Path:
 # --- (a) bare reading ------------------------------------------------------------------------
 
 
-def _read_share(expt_path, share, n_shares, barrier, seconds, tuned=False):
+READ_MODES = {  # key suffix in the results -> what each reading process does per image
+    "": "dxtbx imageset.get_raw_data",
+    "_tuned": "dxtbx imageset.get_raw_data, diffnet's allocator setting",
+    "_diffnet": "diffnet's raw read (images._raw_panels: numpy for uncompressed CBF, else dxtbx), its allocator setting",
+    "_files": "the files' bytes only (no decoding): the floor under any reader",
+}
+
+
+def _read_share(expt_path, share, n_shares, barrier, seconds, mode=""):
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    from dials_diffnet.images import iter_image_refs
+    from dials_diffnet.images import _raw_panels, iter_image_refs
     from dials_diffnet.inference import reuse_freed_memory
 
-    if tuned:  # the allocator setting diffnet's readers use: the read limit for them
+    if mode in ("_tuned", "_diffnet"):
         reuse_freed_memory()
     refs = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=True)))
     barrier.wait()  # time the reading only, not loading the experiment list
     start = time.perf_counter()
     for ref in refs[share::n_shares]:
-        ref.imageset.get_raw_data(ref.index)
+        if mode == "_files":
+            with open(ref.path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+            continue
+        if mode == "_diffnet":
+            _raw_panels(ref.imageset, ref.index, ref.imageset.get_detector(ref.index))
+        else:
+            ref.imageset.get_raw_data(ref.index)
         ref.imageset.clear_cache()  # as diffnet's readers do: dxtbx otherwise keeps every still it read
     seconds[share] = time.perf_counter() - start
 
 
-def time_bare_read(expt_path, nproc: int, tuned: bool = False) -> float:
+def time_bare_read(expt_path, nproc: int, mode: str = "") -> float:
     """Seconds to read every raw frame with nproc processes reading interleaved shares.
 
     Fresh (spawned) processes, so no allocator setting leaks in from an earlier
-    in-process diffnet run; tuned: with diffnet's (inference.reuse_freed_memory)."""
+    in-process diffnet run; mode: one of READ_MODES."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(nproc)
     seconds = context.Array("d", nproc)
-    workers = [context.Process(target=_read_share, args=(expt_path, k, nproc, barrier, seconds, tuned))
+    workers = [context.Process(target=_read_share, args=(expt_path, k, nproc, barrier, seconds, mode))
                for k in range(nproc)]
     for w in workers:
         w.start()
@@ -262,9 +280,10 @@ def bench_set(name, expt_path, model, nproc, batch_size) -> dict:
     result["read_1proc_s"] = measure("(a) bare read, 1 process", lambda: time_bare_read(expt_path, 1))
     if nproc > 1:
         result[f"read_{nproc}proc_s"] = measure(f"(a) bare read, {nproc} processes", lambda: time_bare_read(expt_path, nproc))
-    result[f"read_{nproc}proc_tuned_s"] = measure(
-        f"(a*) bare read, {nproc} processes, diffnet's allocator setting", lambda: time_bare_read(expt_path, nproc, True)
-    )
+    for mode in ("_tuned", "_diffnet", "_files"):
+        result[f"read_{nproc}proc{mode}_s"] = measure(
+            f"(a{mode}) {nproc} processes, {READ_MODES[mode]}", lambda: time_bare_read(expt_path, nproc, mode)
+        )
     result["dials"] = measure("(b) DIALS", lambda: time_dials(expt_path, nproc))
     if "failed" not in result["dials"]:
         split = measure(f"(b') DIALS on {nproc} shares at once", lambda: time_dials_split(expt_path, nproc))
@@ -287,7 +306,8 @@ def rates(r) -> dict:
         out["b_find_spots_only"] = n / r["dials"]["find_spots_s"]
     if "dials_split" in r:
         out["b_dials_shares"] = n / r["dials_split"]["wall_s"]
-    for key in (f"{r['nproc']}proc", f"{r['nproc']}proc_tuned"):
+    read_keys = [f"{r['nproc']}proc{mode}" for mode in READ_MODES]
+    for key in read_keys:
         if f"read_{key}_s" in r:
             out[f"a_read_{key}"] = n / r[f"read_{key}_s"]
     for c in ("c_diffnet_subprocess", "c_diffnet_in_process"):
@@ -295,7 +315,7 @@ def rates(r) -> dict:
             if b in out:
                 out[f"{c} / {b}"] = out[c] / out[b]
         out[f"{c} / a_read_1proc"] = out[c] / out["a_read_1proc"]
-        for key in (f"{r['nproc']}proc", f"{r['nproc']}proc_tuned"):
+        for key in read_keys:
             if f"a_read_{key}" in out:
                 out[f"{c} / a_read_{key}"] = out[c] / out[f"a_read_{key}"]
     return out
@@ -305,8 +325,8 @@ def combine(results, name) -> dict:
     """Several small sets as one: times summed, so fixed costs weigh as they did (sets DIALS failed on left out)."""
     results = [r for r in results if "failed" not in r["dials"]]
     total = {"set": name, "n_images": sum(r["n_images"] for r in results), "nproc": results[0]["nproc"]}
-    keys = [k for k in ("read_1proc_s", f"read_{total['nproc']}proc_s", f"read_{total['nproc']}proc_tuned_s")
-            if k in results[0]]
+    keys = ["read_1proc_s", *(f"read_{total['nproc']}proc{mode}_s" for mode in READ_MODES)]
+    keys = [k for k in keys if k in results[0]]
     for k in keys:
         total[k] = sum(r[k] for r in results)
     total["dials"] = {k: sum(r["dials"][k] for r in results) for k in ("find_spots_s", "spot_counts_per_image_s")}

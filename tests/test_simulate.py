@@ -108,6 +108,40 @@ def test_minicbf_is_read_by_the_pilatus_format_with_the_same_pixels(tmp_path):
     assert np.mean(from_file != in_memory) < 1e-3
 
 
+def test_uncompressed_cbf_is_read_without_cbflib_to_the_same_values(tmp_path, frame):
+    """The numpy read of an uncompressed CBF array gives what dxtbx (cbflib) gives; compressed
+    files go through dxtbx; a truncated array is an error, not a short image."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_diffnet.images import _plain_full_cbf, read_uncompressed_cbf
+    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf
+    from dials_diffnet.simulate.detectors import to_dxtbx
+
+    image = render(sample_shot(11, SMALL, GEOMETRY), frame)
+    detector, beam = to_dxtbx(frame.model, frame.panels), dxtbx_beam(1.0)
+    for name, integer, compress in (("plain.cbf", True, False), ("packed.cbf", True, True), ("real.cbf", False, False)):
+        write_cbf(str(tmp_path / name), detector, beam, image.pixels, integer=integer, compress=compress)
+    dials("dials.import", "plain.cbf", "packed.cbf", "convert_sequences_to_stills=True", cwd=tmp_path)
+    experiments = ExperimentListFactory.from_json_file(str(tmp_path / "imported.expt"))
+    plain, packed = sorted((e.imageset for e in experiments), key=lambda s: "packed" in s.get_path(0))
+    assert _plain_full_cbf(plain)
+    size = plain.get_detector()[0].get_image_size()
+    fast = read_uncompressed_cbf(plain.get_path(0), size)
+    from_cbflib = plain.get_raw_data(0)[0].as_numpy_array()
+    assert fast.dtype == from_cbflib.dtype == np.int32
+    assert np.array_equal(fast, from_cbflib)
+    assert read_uncompressed_cbf(packed.get_path(0), size) is None
+    assert np.array_equal(read_image(packed, 0).pixels[0], read_image(plain, 0).pixels[0])
+    # float64 arrays (dxtbx 3.11 itself fails on them: np.float) come back as written
+    real = read_uncompressed_cbf(str(tmp_path / "real.cbf"), size)
+    assert real.dtype == np.float64 and np.array_equal(real, image.pixels[0].astype(np.float64))
+
+    data = (tmp_path / "plain.cbf").read_bytes()
+    (tmp_path / "plain.cbf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        read_image(plain, 0)
+
+
 def test_dials_indexes_single_lattice_and_recovers_cell(single_lattice_images):
     out, paths = single_lattice_images
     labels = read_image_labels(paths[0])
