@@ -132,6 +132,14 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
         "hit": binary_metrics(predictions["p_hit"], hit),
     }
     if not summary_only:
+        # "hit" counts a crystal with fewer detectable spots than a hit needs as a non-hit; split
+        # those near misses from shots with no crystal at all.
+        crystal = np.asarray(labels["n_lattices"]) > 0
+        called = np.asarray(predictions["p_hit"]) >= 0.5
+        metrics["hit_vs_empty"] = binary_metrics(predictions["p_hit"][hit | ~crystal], hit[hit | ~crystal])
+        near_miss = crystal & ~hit
+        metrics["hit_near_misses"] = {"n": int(near_miss.sum()),
+                                      "fraction_called_hit": float(called[near_miss].mean()) if near_miss.any() else None}
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
         metrics["multi_lattice"]["accuracy_by_misorientation_deg"] = binned_accuracy(
@@ -417,7 +425,10 @@ def format_tables(metrics: dict) -> str:
         ["resolution (edge-limited)", "n", f(edge["n"], "d")],
         ["", "at least as good (10%)", f(edge["fraction_at_least_as_good"])],
     ]
-    for name, title in (("multi_lattice", "multi-lattice (hits)"), ("hit", "hit vs blank (all)")):
+    for name, title in (("multi_lattice", "multi-lattice (hits)"), ("hit", "hit vs non-hit (all)"),
+                        ("hit_vs_empty", "hit vs no crystal")):
+        if name not in metrics:
+            continue
         m = metrics[name]
         c = m["confusion"]
         rows += [
@@ -428,6 +439,9 @@ def format_tables(metrics: dict) -> str:
             ["", "ROC AUC", f(m["roc_auc"], ".4f")],
             ["", "confusion tp fp fn tn", f"{c['tp']} {c['fp']} {c['fn']} {c['tn']}"],
         ]
+    near = metrics.get("hit_near_misses")
+    if near:
+        rows.append(["crystal, too few spots for a hit", "n / called hit", f"{near['n']} / {f(near['fraction_called_hit'])}"])
     text = tabulate(rows, headers=["metric", "", "value"])
     for key, title in (("accuracy_by_misorientation_deg", "misorientation (deg)"), ("accuracy_by_minority_share", "minority share")):
         bins = metrics["multi_lattice"].get(key)

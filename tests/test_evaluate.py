@@ -73,7 +73,8 @@ def labels_for(n, rng):
     return {
         "s_min": s_min, "d_min": np.where(is_hit, 1 / np.maximum(s_min, 1e-6), np.inf),
         "edge_limited": is_hit & (np.arange(n) % 7 == 1), "is_hit": is_hit, "is_multi": is_multi,
-        "n_lattices": is_hit.astype(int) + is_multi, "minority_share": np.where(is_multi, 0.3, 0.0),
+        # every 8th shot: a crystal with too few spots for a hit (a near miss), not an empty shot
+        "n_lattices": is_hit.astype(int) + is_multi + (np.arange(n) % 8 == 0), "minority_share": np.where(is_multi, 0.3, 0.0),
         "misorientation_deg": np.where(is_multi, rng.uniform(0, 90, n), np.nan),
         "detector": np.where(np.arange(n) % 3 == 0, "pilatus6m", "eiger16m"), "seed": np.arange(n),
     }
@@ -93,6 +94,8 @@ def test_crystal_metrics_use_the_right_images():
     assert m["resolution_edge_limited"]["fraction_at_least_as_good"] == 1.0  # 0.2 A is better than any label
     assert m["multi_lattice"]["n"] == hit.sum() and m["multi_lattice"]["accuracy"] == 1.0
     assert m["hit"]["n"] == 56 and m["hit"]["roc_auc"] == 1.0
+    assert m["hit_near_misses"] == {"n": 7, "fraction_called_hit": 0.0}
+    assert m["hit_vs_empty"]["n"] == 56 - 7 and m["hit_vs_empty"]["n_positive"] == hit.sum()
     assert sum(b["n"] for b in m["multi_lattice"]["accuracy_by_misorientation_deg"]) == labels["is_multi"].sum()
     assert set(m["by_detector"]) == {"pilatus6m", "eiger16m"}
 

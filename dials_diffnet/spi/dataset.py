@@ -105,3 +105,15 @@ def standard_sets(scale: float = 1.0) -> dict:
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }
+
+
+def validation_sets(scale: float = 1.0) -> dict:
+    """Where candidate models are compared (never on `standard_sets` test or unseen): the same
+    classes as train/test and the held-back types, seeds of their own, training geometry pool."""
+    from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES
+
+    per_class = max(1, int(round(10 * scale)))
+    return {
+        "test": balanced_specs("validation", SEEN_TYPES, per_class, pool="train"),
+        "unseen": balanced_specs("validation", UNSEEN_TYPES, per_class, pool="train", offset=100_000),
+    }

@@ -1,6 +1,10 @@
 """Evaluate the SPI models with the poster's protocol; prints tables and writes JSON.
 
     python -m dials_diffnet.spi.evaluate [--weights DIR] [--cache DIR] [--json FILE] [--sweep] [--update-cards]
+                                         [--validation]
+
+--validation scores the validation sets instead (dataset.validation_sets: own seeds,
+training geometries, seen and held-back types): where candidate models are compared.
 
 1. Multi-output CNN on held-out test sets (seen particle types, unseen seeds and
    unseen detector geometries), clean and noisy: test accuracy (count and type both
@@ -208,12 +212,18 @@ def main(argv=None):
     parser.add_argument("--sweep-epochs", type=int, default=20)
     parser.add_argument("--update-cards", action="store_true", help="write the figures into the model cards")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--validation", action="store_true",
+                        help="score on the validation sets (to choose between candidate models) instead of test/unseen")
     args = parser.parse_args(argv)
+    if args.validation and args.update_cards:
+        parser.error("model cards quote test-set figures: --update-cards cannot go with --validation")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     weights = pathlib.Path(args.weights)
 
     sets = load_sets(pathlib.Path(args.cache), workers=args.workers)
+    if args.validation:
+        sets.update(load_sets(pathlib.Path(args.cache), workers=args.workers, validation=True))
     multi, multi_card = load_model(weights / "spi_multi.safetensors")
     twin, twin_card = load_model(weights / "spi_twin.safetensors")
     test = sets["test"]

@@ -30,7 +30,7 @@ import torch
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
-from dials_diffnet.spi.dataset import SEED_BASES, build, standard_sets
+from dials_diffnet.spi.dataset import SEED_BASES, build, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, SEEN_TYPES
 from dials_diffnet.spi.triplet import batch_triplet_loss
 from dials_diffnet.weights import save_model
@@ -42,10 +42,14 @@ TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="sem
             lr=3e-3)
 
 
-def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2) -> dict:
+def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False) -> dict:
+    """The standard sets (train, test, unseen), or with `validation` the validation sets
+    (under the names test and unseen, so evaluation code takes either)."""
+    sets = validation_sets(scale) if validation else standard_sets(scale)
+    prefix = "validation_" if validation else ""
     return {
-        name: build(specs, cache / f"{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz", workers)
-        for name, specs in standard_sets(scale).items()
+        name: build(specs, cache / f"{prefix}{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz", workers)
+        for name, specs in sets.items()
     }
 
 
@@ -182,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="simulation processes")
     parser.add_argument("--only", choices=("multi", "twin"), help="train one model (run the two side by side)")
     parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
+    parser.add_argument("--width", type=int, help="override both models' trunk width")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -195,6 +200,8 @@ def main(argv=None):
         multi_config["epochs"] = twin_config["epochs"] = args.epochs
     if args.patterson:
         multi_config["patterson"] = twin_config["patterson"] = args.patterson
+    if args.width:
+        multi_config["width"] = twin_config["width"] = args.width
 
     if args.only != "twin":
         train_and_save_multi(sets, multi_config, data_seconds, out)
