@@ -123,13 +123,21 @@ class ShardDataset(torch.utils.data.Dataset):
         shard = self.shards[self._shard_of[i]]
         x = np.array(_open_x(str(shard.path))[i - shard.start], dtype=np.float16)  # a copy, off the map
         if self.augment:
-            rng = np.random.default_rng((self.seed, self.epoch, i))
-            x = np.rot90(x, k=int(rng.integers(4)), axes=(1, 2))
-            if rng.integers(2):
-                x = x[:, :, ::-1]
-            x = np.ascontiguousarray(x)
+            x = square_symmetry(x, (self.seed, self.epoch, i))
         labels = {k: torch.as_tensor(self.labels_all[k][i]) for k in BATCH_LABELS}
         return torch.from_numpy(x), labels
+
+
+def square_symmetry(x: np.ndarray, key) -> np.ndarray:
+    """x (C, S, S) under one of the square's 8 symmetries (90 degree rotations, flips), drawn from `key`.
+
+    The grid is centred on the beam, so these are the symmetries the physics
+    leaves undecided (detector orientation and handedness)."""
+    rng = np.random.default_rng(key)
+    x = np.rot90(x, k=int(rng.integers(4)), axes=(1, 2))
+    if rng.integers(2):
+        x = x[:, :, ::-1]
+    return np.ascontiguousarray(x)
 
 
 def read_index(directory) -> dict:

@@ -115,7 +115,7 @@ def fit(
 
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        for part in (train_loader.sampler, train_loader.dataset):
+        for part in (train_loader.sampler, train_loader.batch_sampler, train_loader.dataset):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
 

@@ -140,3 +140,55 @@ def test_shipped_twin_fewshot_on_unseen_type_with_cxi_reference(tmp_path):
     single = np.array([r["spi_fewshot_label"] == "single" for r in records])
     assert np.mean(single == (counts == 1)) >= 0.85  # always-"multi" would score 0.75; evaluation: 98 %
     assert "spi_fewshot_distance" in task.reflection_columns and records[0]["spi_fewshot_distance"] >= 0
+
+
+def test_pk_batches_hold_every_class_and_change_with_the_epoch():
+    from dials_diffnet.spi.train import PKBatchSampler
+
+    labels = np.repeat([1, 2, 3, 4], [10, 12, 9, 20])
+    sampler = PKBatchSampler(labels, per_class=4, seed=3)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 2  # the smallest class (9) fills two batches of 4
+    for batch in first:
+        assert sorted(np.bincount(labels[batch])[1:]) == [4, 4, 4, 4]
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_twin_training_in_the_shared_loop_separates_counts_on_validation():
+    """train_twin runs in train.fit: the triplet loss falls and the held-out few-shot score is recorded."""
+    from dials_diffnet.spi.evaluate import UnitHead
+    from dials_diffnet.spi.train import TWIN, train_twin
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 2
+
+    def features(per_count):
+        count = np.repeat(np.arange(1, 5), per_count)
+        x = centres[count - 1] + rng.normal(size=(len(count), 16))
+        return {"x": x.astype(np.float32), "count": count, "particle": np.where(np.arange(len(count)) % 2, "a", "b")}
+
+    torch.manual_seed(0)
+    model, history = train_twin(features(48), dict(TWIN, epochs=6, per_class=8), model=UnitHead(16, 8),
+                                validation=features(40))
+    assert history[-1]["train_triplet"] < history[0]["train_triplet"]
+    assert history[-1]["val_single_vs_multi"] > 0.95
+
+
+def test_multi_training_in_the_shared_loop_learns_the_count():
+    """train_multi runs in train.fit on patterns whose count is plain to see (brightness): it learns it."""
+    from dials_diffnet.spi.particles import SEEN_TYPES
+    from dials_diffnet.spi.train import MULTI, train_multi
+
+    rng = np.random.default_rng(1)
+
+    def patterns(per_count):
+        count = np.repeat(np.arange(1, 5), per_count)
+        x = np.ones((len(count), 2, SPI_GRID.size, SPI_GRID.size), np.float16)
+        x[:, 0] = (0.7 * count[:, None, None] + rng.normal(0, 0.3, (len(count), SPI_GRID.size, SPI_GRID.size)))
+        return {"x": x, "count": count, "particle": np.array([SEEN_TYPES[i % 2] for i in range(len(count))])}
+
+    model, history = train_multi(patterns(24), dict(MULTI, width=4, epochs=6, batch=16), validation=patterns(8))
+    assert history[-1]["val_count_accuracy"] >= 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]

@@ -6,9 +6,11 @@
    half noise-free and half noisy, each passed through `represent` on SPI_GRID
    (dataset.standard_sets; cached). Seeds are disjoint from every test seed.
 2. Multi-output CNN (SpiMultiNet): cross-entropy on the count head + cross-entropy
-   on the type head, AdamW with a one-cycle schedule, random 90-degree rotations and
-   flips of the grid (a rotation about the beam; the gap then lies elsewhere, so the
-   net does not lean on one detector layout).
+   on the type head, random 90-degree rotations and flips of the grid (a rotation
+   about the beam; the gap then lies elsewhere, so the net does not lean on one
+   detector layout). Both models train in `train.fit`, the loop the crystallography
+   model uses (AdamW, warm-up then cosine decay, gradient clipping, CUDA when
+   present), scored after every epoch on the validation sets (dataset.validation_sets).
 3. Twin network (SpiTwinNet): triplet loss, semi-hard mining inside batches of 4
    count classes x K patterns. The classes are the particle counts, not (count, type):
    an embedding that groups patterns by count across eight different particles is
@@ -27,12 +29,15 @@ import time
 import numpy as np
 import torch
 
+from dials_diffnet.datasets import square_symmetry
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, SEEN_TYPES
 from dials_diffnet.spi.triplet import batch_triplet_loss
+from dials_diffnet.evaluate import resolve_device
+from dials_diffnet.train import fit
 from dials_diffnet.weights import save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
@@ -53,84 +58,126 @@ def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validat
     }
 
 
-def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One random rotation by a multiple of 90 degrees and an optional flip for the whole batch."""
-    x = torch.rot90(x, int(rng.integers(4)), dims=(2, 3))
-    return torch.flip(x, dims=(3,)) if rng.random() < 0.5 else x
+class PatternSet(torch.utils.data.Dataset):
+    """In-memory patterns (or feature vectors) and their labels, as `train.fit` takes them.
+
+    augment: every pattern under one of the grid's 8 square symmetries, drawn from
+    (seed, epoch, item): a rotation about the beam and a flip. The detector gaps then
+    lie elsewhere, so the nets do not lean on one detector layout.
+    """
+
+    def __init__(self, x: np.ndarray, labels: dict, augment: bool = False, seed: int = 0):
+        self.x, self.labels, self.augment, self.seed, self.epoch = x, labels, augment, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.augment and x.ndim == 3:
+            x = square_symmetry(x, (self.seed, self.epoch, i))
+        return torch.from_numpy(np.asarray(x)), {k: torch.as_tensor(v[i]) for k, v in self.labels.items()}
 
 
-def _one_cycle(optimizer, lr, steps):
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 2), pct_start=0.2)
+class PKBatchSampler(torch.utils.data.Sampler):
+    """Batches of `per_class` random patterns of every class, so every anchor has positives;
+    a new draw per epoch from (seed, epoch)."""
+
+    def __init__(self, labels: np.ndarray, per_class: int, seed: int = 0):
+        self.labels, self.per_class, self.seed, self.epoch = np.asarray(labels), per_class, seed, 0
+        self.classes = np.unique(self.labels)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return min(int((self.labels == c).sum()) for c in self.classes) // self.per_class
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        by_class = [rng.permutation(np.flatnonzero(self.labels == c)) for c in self.classes]
+        k = self.per_class
+        for b in range(len(self)):
+            yield np.concatenate([ix[b * k : (b + 1) * k] for ix in by_class]).tolist()
 
 
-def train_multi(data: dict, config: dict = MULTI, seed: int = 0) -> SpiMultiNet:
+def multi_labels(data: dict) -> dict:
+    return {"count": data["count"].astype(np.int64) - 1,
+            "type": np.array([SEEN_TYPES.index(p) for p in data["particle"]], np.int64)}
+
+
+def multi_loss(outputs: dict, labels: dict):
+    """Cross-entropy on the count head plus cross-entropy on the type head."""
+    count = torch.nn.functional.cross_entropy(outputs["count_logits"], labels["count"])
+    kind = torch.nn.functional.cross_entropy(outputs["type_logits"], labels["type"])
+    right = (outputs["count_logits"].argmax(1) == labels["count"]).float().mean()
+    return count + kind, {"count": count.item(), "type": kind.item(), "count_accuracy": right.item()}
+
+
+class Embedding(torch.nn.Module):
+    """`train.fit` takes models that return a dict of outputs; an embedding net returns a tensor."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"embedding": self.net(x)}
+
+
+def triplet_objective(margin: float, mining: str):
+    def loss(outputs: dict, labels: dict):
+        value = batch_triplet_loss(outputs["embedding"], labels["count"], margin, mining)
+        return value, {"triplet": value.item()}
+
+    return loss
+
+
+def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dict | None = None, device="cpu"):
+    """(model, per-epoch history); `validation` (a set like `data`) is scored after every epoch."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(data["x"])
-    counts = torch.from_numpy(data["count"] - 1)
-    types = torch.as_tensor([SEEN_TYPES.index(p) for p in data["particle"]])
     model = SpiMultiNet(n_types=len(SEEN_TYPES), width=config["width"], patterson=config["patterson"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    steps_per_epoch = len(x) // config["batch"]
-    schedule = _one_cycle(opt, config["lr"], config["epochs"] * steps_per_epoch)
-    ce = torch.nn.CrossEntropyLoss()
-    for epoch in range(config["epochs"]):
-        model.train()
-        start, total, right = time.time(), 0.0, 0
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for step in range(steps_per_epoch):
-            idx = order[step * config["batch"] : (step + 1) * config["batch"]]
-            out = model(augment(x[idx].float(), rng))
-            loss = ce(out["count_logits"], counts[idx]) + ce(out["type_logits"], types[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total += loss.item()
-            right += (out["count_logits"].argmax(1) == counts[idx]).sum().item()
-        logger.info(
-            "multi epoch %d: loss %.3f, train count accuracy %.3f, %.0f s",
-            epoch + 1, total / steps_per_epoch, right / (steps_per_epoch * config["batch"]), time.time() - start,
-        )
-    return model.eval()
+    loader = torch.utils.data.DataLoader(
+        PatternSet(data["x"], multi_labels(data), augment=True, seed=seed), batch_size=config["batch"],
+        shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed),
+    )
+    val_loader = None if validation is None else torch.utils.data.DataLoader(
+        PatternSet(validation["x"], multi_labels(validation)), batch_size=256)
+    result = fit(model, multi_loss, loader, val_loader, epochs=config["epochs"], lr=config["lr"],
+                 weight_decay=config["weight_decay"], device=device)
+    return model.to("cpu").eval(), result["history"]
 
 
-def pk_batches(labels: np.ndarray, per_class: int, rng: np.random.Generator):
-    """An epoch of batches holding `per_class` random patterns of every class (positives for every anchor)."""
-    classes = np.unique(labels)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    n_batches = min(len(ix) for ix in by_class) // per_class
-    for b in range(n_batches):
-        yield np.concatenate([ix[b * per_class : (b + 1) * per_class] for ix in by_class])
+def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.Module | None = None,
+               validation: dict | None = None, device="cpu"):
+    """(model, per-epoch history): triplet training of a SpiTwinNet, or of any `model` whose output is
+    L2-normalised (the sweep's heads). `validation` (patterns of held-back types) is scored after
+    every epoch by few-shot single-vs-multi accuracy."""
+    from dials_diffnet.spi.evaluate import fewshot_scores
 
-
-def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.Module | None = None):
-    """Triplet training of a SpiTwinNet, or of any `model` whose output is L2-normalised (the sweep's heads)."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(data["x"])
-    labels = data["count"]
     if model is None:
         model = SpiTwinNet(embedding_size=config["embedding_size"], width=config["width"],
                            patterson=config["patterson"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
-    steps_per_epoch = len(list(pk_batches(labels, config["per_class"], rng)))
-    schedule = _one_cycle(opt, config["lr"], config["epochs"] * steps_per_epoch)
-    for epoch in range(config["epochs"]):
-        model.train()
-        start, total = time.time(), 0.0
-        for idx in pk_batches(labels, config["per_class"], rng):
-            batch = x[idx].float()
-            emb = model(augment(batch, rng) if batch.ndim == 4 else batch)
-            loss = batch_triplet_loss(emb, torch.from_numpy(labels[idx]), config["margin"], config["mining"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            schedule.step()
-            total += loss.item()
-        logger.info("twin E=%d alpha=%.2f epoch %d: triplet loss %.4f, %.0f s",
-                    config["embedding_size"], config["margin"], epoch + 1, total / steps_per_epoch, time.time() - start)
-    return model.eval()
+    loader = torch.utils.data.DataLoader(
+        PatternSet(data["x"], {"count": data["count"]}, augment=True, seed=seed),
+        batch_sampler=PKBatchSampler(data["count"], config["per_class"], seed),
+    )
+    val_loader = val_metrics = None
+    if validation is not None:
+        val_loader = torch.utils.data.DataLoader(PatternSet(validation["x"], {"count": validation["count"]}),
+                                                 batch_size=256)
+
+        def val_metrics(outputs):
+            scores = fewshot_scores(outputs["embedding"].numpy(), validation["count"], validation["particle"])
+            return {"single_vs_multi": scores["mean"]["single_vs_multi_4class_support"]}
+
+    result = fit(Embedding(model), triplet_objective(config["margin"], config["mining"]), loader, val_loader,
+                 epochs=config["epochs"], lr=config["lr"], weight_decay=1e-4, device=device, val_metrics=val_metrics)
+    return model.to("cpu").eval(), result["history"]
 
 
 def simulator_card(sets: dict) -> dict:
@@ -187,6 +234,7 @@ def main(argv=None):
     parser.add_argument("--only", choices=("multi", "twin"), help="train one model (run the two side by side)")
     parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
     parser.add_argument("--width", type=int, help="override both models' trunk width")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -194,7 +242,9 @@ def main(argv=None):
 
     start = time.time()
     sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers)
+    validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True)
     data_seconds = time.time() - start
+    device = resolve_device(args.device)
     multi_config, twin_config = dict(MULTI), dict(TWIN)
     if args.epochs:
         multi_config["epochs"] = twin_config["epochs"] = args.epochs
@@ -204,16 +254,17 @@ def main(argv=None):
         multi_config["width"] = twin_config["width"] = args.width
 
     if args.only != "twin":
-        train_and_save_multi(sets, multi_config, data_seconds, out)
+        train_and_save_multi(sets, validation, multi_config, data_seconds, out, device)
     if args.only != "multi":
-        train_and_save_twin(sets, twin_config, out)
+        train_and_save_twin(sets, validation, twin_config, out, device)
 
 
-def train_and_save_multi(sets, multi_config, data_seconds, out):
+def train_and_save_multi(sets, validation, multi_config, data_seconds, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    multi = train_multi(sets["train"], multi_config)
+    multi, history = train_multi(sets["train"], multi_config, validation=validation["test"], device=device)
     multi_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
-                     "data_seconds": round(data_seconds)}
+                     "data_seconds": round(data_seconds), "device": str(device),
+                     "history (validation: dataset.validation_sets)": history}
     save_model(multi, card("spi_multi", multi, multi_config, sets, multi_seconds, {
         "architecture": {"n_types": len(SEEN_TYPES), "n_counts": 4, "width": multi_config["width"],
                          "patterson": multi_config["patterson"]},
@@ -224,10 +275,11 @@ def train_and_save_multi(sets, multi_config, data_seconds, out):
     logger.info("saved %s", out / "spi_multi.safetensors")
 
 
-def train_and_save_twin(sets, twin_config, out):
+def train_and_save_twin(sets, validation, twin_config, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    twin = train_twin(sets["train"], twin_config)
-    twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0)}
+    twin, history = train_twin(sets["train"], twin_config, validation=validation["unseen"], device=device)
+    twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
+                    "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
     save_model(twin, card("spi_twin", twin, twin_config, sets, twin_seconds, {
         "architecture": {"embedding_size": twin_config["embedding_size"], "width": twin_config["width"],
                          "patterson": twin_config["patterson"]},
