@@ -126,7 +126,7 @@ def make_task(name: str, params, device: str) -> Task:
 
         return SpiTask(
             reference=params.spi.reference, device=torch_device,
-            multi_path=params.model.spi_multi, twin_path=params.model.spi_twin,
+            multi_path=params.model.spi_multi, twin_path=params.model.spi_twin, symmetrise=params.spi.symmetrise,
         )
     raise Sorry(f"unknown task={name}")
 

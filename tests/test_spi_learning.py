@@ -192,3 +192,18 @@ def test_multi_training_in_the_shared_loop_learns_the_count():
     model, history = train_multi(patterns(24), dict(MULTI, width=4, epochs=6, batch=16), validation=patterns(8))
     assert history[-1]["val_count_accuracy"] >= 0.9
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_symmetrised_embedding_is_invariant_under_the_grid_symmetries():
+    from dials_diffnet.models.spi import SpiTwinNet
+
+    torch.manual_seed(0)
+    twin = SpiTwinNet(embedding_size=8, width=4).eval()
+    x = torch.rand(3, 2, SPI_GRID.size, SPI_GRID.size)
+    with torch.no_grad():
+        e = twin.embed(x, symmetrise=True)
+        turned = twin.embed(torch.rot90(x, 1, dims=(2, 3)).flip(3), symmetrise=True)
+        plain = twin.embed(x)
+    assert torch.allclose(e, turned, atol=1e-5)
+    assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(plain, twin(torch.rot90(x, 1, dims=(2, 3))), atol=1e-3)  # the net alone is not invariant

@@ -106,8 +106,8 @@ def fewshot_scores(embeddings, counts, types, n_support=N_SUPPORT, trials=TRIALS
     return {"mean": {k: float(np.mean([v[k] for v in per_type.values()])) for k in keys}, "per_type": per_type}
 
 
-def twin_metrics(model, unseen: dict) -> dict:
-    emb = run_model(model, unseen["x"])
+def twin_metrics(model, unseen: dict, symmetrise: bool = False) -> dict:
+    emb = run_model(model.embed if symmetrise else model, unseen["x"])
     return {
         noise: fewshot_scores(emb[unseen["noise"] == noise], unseen["count"][unseen["noise"] == noise],
                               unseen["particle"][unseen["noise"] == noise])
@@ -181,12 +181,13 @@ def print_tables(results: dict):
     for noise, m in results["multi"].items():
         print(f"{noise:<8} {m['n']:>5} {100 * m['test_accuracy']:>9.1f} {100 * m['count_accuracy']:>10.1f} "
               f"{100 * m['particle_accuracy']:>13.1f} {100 * m['single_vs_multi_accuracy']:>13.1f}")
-    print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws")
-    print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
-    for noise, m in results["twin_unseen"].items():
-        for t, v in list(m["per_type"].items()) + [("mean", m["mean"])]:
-            print(f"{noise:<8} {t:<10} {100 * v['single_vs_multi_4class_support']:>19.1f} "
-                  f"{100 * v['count_accuracy_4class_support']:>18.1f} {100 * v['single_vs_multi_2class_support']:>19.1f}")
+    for key, how in (("twin_unseen", ""), ("twin_unseen_symmetrised", ", embeddings averaged over the 8 symmetries")):
+        print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws{how}")
+        print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
+        for noise, m in results[key].items():
+            for t, v in list(m["per_type"].items()) + [("mean", m["mean"])]:
+                print(f"{noise:<8} {t:<10} {100 * v['single_vs_multi_4class_support']:>19.1f} "
+                      f"{100 * v['count_accuracy_4class_support']:>18.1f} {100 * v['single_vs_multi_2class_support']:>19.1f}")
     if "sweep" in results:
         s = results["sweep"]
         print(f"\nTwin sweep ({s['method']}: {s['train_patterns']} patterns, {s['epochs']} epochs), "
@@ -231,6 +232,7 @@ def main(argv=None):
         "multi": {noise: multi_metrics(multi, multi_card, test, np.flatnonzero(test["noise"] == noise))
                   for noise in ("clean", "noisy")},
         "twin_unseen": twin_metrics(twin, sets["unseen"]),
+        "twin_unseen_symmetrised": twin_metrics(twin, sets["unseen"], symmetrise=True),
         "twin_seen_test": twin_metrics(twin, test),
         "unseen_types": UNSEEN_TYPES,
         "protocol": {"n_support_per_class": N_SUPPORT, "trials": TRIALS,
@@ -254,7 +256,8 @@ def main(argv=None):
             keep = {k: v for k, v in card.items() if k not in ("sha256", "bytes")}
             keep["evaluation"] = {
                 "spi_multi": {"multi": results["multi"], "rates": results["rates"]},
-                "spi_twin": {"twin_unseen": results["twin_unseen"], "sweep": results.get("sweep"),
+                "spi_twin": {"twin_unseen": results["twin_unseen"],
+                             "twin_unseen_symmetrised": results["twin_unseen_symmetrised"], "sweep": results.get("sweep"),
                              "rates": results["rates"]},
             }[name]
             save_model(model, keep, weights / f"{name}.safetensors")

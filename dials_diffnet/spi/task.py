@@ -91,8 +91,10 @@ class SpiTask:
     name = "spi"
     grid = SPI_GRID
 
-    def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype"):
+    def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype",
+                 symmetrise=True):
         self.device = torch.device(device)
+        self.symmetrise = symmetrise
         from dials_diffnet.inference import load_task_model
 
         multi_file = multi_path or shipped_path("spi_multi")
@@ -111,7 +113,8 @@ class SpiTask:
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch: int = 64) -> np.ndarray:
-        parts = [self.twin(x[i : i + batch].float().to(self.device)).cpu() for i in range(0, len(x), batch)]
+        parts = [self.twin.embed(x[i : i + batch].float().to(self.device), self.symmetrise).cpu()
+                 for i in range(0, len(x), batch)]
         return torch.cat(parts).numpy()
 
     @torch.no_grad()

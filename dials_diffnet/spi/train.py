@@ -42,9 +42,11 @@ from dials_diffnet.weights import save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
 
-MULTI = dict(width=8, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4)
+# Small nets on few patterns: a long warm-up and no gradient clipping (as the one-cycle schedule
+# these models were first trained with), not the crystallography defaults of train.fit.
+MULTI = dict(width=16, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
-            lr=3e-3)
+            lr=3e-3, warmup=0.2, grad_clip=0.0)
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False) -> dict:
@@ -147,7 +149,8 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
     val_loader = None if validation is None else torch.utils.data.DataLoader(
         PatternSet(validation["x"], multi_labels(validation)), batch_size=256)
     result = fit(model, multi_loss, loader, val_loader, epochs=config["epochs"], lr=config["lr"],
-                 weight_decay=config["weight_decay"], device=device)
+                 weight_decay=config["weight_decay"], warmup_fraction=config["warmup"], grad_clip=config["grad_clip"],
+                 device=device)
     return model.to("cpu").eval(), result["history"]
 
 
@@ -176,7 +179,8 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
             return {"single_vs_multi": scores["mean"]["single_vs_multi_4class_support"]}
 
     result = fit(Embedding(model), triplet_objective(config["margin"], config["mining"]), loader, val_loader,
-                 epochs=config["epochs"], lr=config["lr"], weight_decay=1e-4, device=device, val_metrics=val_metrics)
+                 epochs=config["epochs"], lr=config["lr"], weight_decay=1e-4, warmup_fraction=config["warmup"],
+                 grad_clip=config["grad_clip"], device=device, val_metrics=val_metrics)
     return model.to("cpu").eval(), result["history"]
 
 
