@@ -207,3 +207,19 @@ def test_symmetrised_embedding_is_invariant_under_the_grid_symmetries():
     assert torch.allclose(e, turned, atol=1e-5)
     assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(plain, twin(torch.rot90(x, 1, dims=(2, 3))), atol=1e-3)  # the net alone is not invariant
+
+
+def test_symmetrised_fewshot_scores_do_not_depend_on_detector_orientation():
+    from dials_diffnet.models.spi import SpiTwinNet
+    from dials_diffnet.spi.evaluate import twin_metrics
+
+    torch.manual_seed(1)
+    twin = SpiTwinNet(embedding_size=8, width=4).eval()
+    rng = np.random.default_rng(4)
+    # 2 noise settings x 2 types x 4 counts x 6 patterns (few-shot draws 5 per class)
+    count = np.tile(np.repeat(np.arange(1, 5), 6), 4)
+    data = {"x": rng.random((len(count), 2, SPI_GRID.size, SPI_GRID.size)).astype(np.float32), "count": count,
+            "particle": np.tile(np.repeat(["a", "b"], 24), 2), "noise": np.repeat(["clean", "noisy"], 48)}
+    turned = dict(data, x=np.ascontiguousarray(np.rot90(data["x"], 1, axes=(2, 3))))
+    assert twin_metrics(twin, data, symmetrise=True) == twin_metrics(twin, turned, symmetrise=True)
+    assert twin_metrics(twin, data) != twin_metrics(twin, turned)

@@ -107,7 +107,7 @@ def fewshot_scores(embeddings, counts, types, n_support=N_SUPPORT, trials=TRIALS
 
 
 def twin_metrics(model, unseen: dict, symmetrise: bool = False) -> dict:
-    emb = run_model(model.embed if symmetrise else model, unseen["x"])
+    emb = run_model((lambda x: model.embed(x, symmetrise=True)) if symmetrise else model, unseen["x"])
     return {
         noise: fewshot_scores(emb[unseen["noise"] == noise], unseen["count"][unseen["noise"] == noise],
                               unseen["particle"][unseen["noise"] == noise])

@@ -205,10 +205,10 @@ def simulator_card(sets: dict) -> dict:
 
 LIMITATIONS = (
     "Trained only on simulated patterns (coarse-grained bead models, pnCCD-like detector, distance x wavelength "
-    "2000-3200 mm*A) on one CPU thread for ~7 CPU minutes per model (4800 patterns, 20 epochs); not validated on "
-    "real SPI data. 4-class count accuracy is ~84-85 % (multi-output CNN), far below the 99 % target: 3 vs 4 "
-    "particles is the main confusion. Single-vs-multi is ~99 % on seen types, ~90 % with the twin network on "
-    "unseen types."
+    "2000-3200 mm*A) on one CPU thread (4800 patterns, 20 epochs; 12.5 CPU minutes for the multi-output CNN, "
+    "5.6 for the twin); not validated on real SPI data. 4-class count accuracy is ~85-86 % (multi-output CNN), "
+    "far below the 99 % target: 3 vs 4 particles is the main confusion. Single-vs-multi is ~99 % on seen types, "
+    "~92-94 % with the twin network on unseen types (5 support patterns per class)."
 )
 
 
