@@ -24,7 +24,8 @@ experiment list (filtered.expt, plus filtered.refl when reflections are given).
 Per-image rules, applied in this order (the first one an image fails is its
 reason for being dropped): the image could be judged (keep_failed=False),
 P(hit) >= min_p_hit, P(multi-lattice) <= max_p_multi, and predicted
-d_min <= d_min. Any rule set to None is not applied.
+d_min <= d_min. Any rule set to None is not applied; the multi-lattice rule is
+off by default (the shipped model's multi-lattice judgement is weak).
 
 Stills: each kept image keeps its experiment; its ImageSet is rebuilt to hold
 that image alone, so the output reloads as exactly the kept images.
@@ -36,7 +37,7 @@ parameters as diffnet.predict.
 
 Examples::
 
-  diffnet.filter imported.expt diffnet.json d_min=2.5 max_p_multi=0.5
+  diffnet.filter imported.expt diffnet.json d_min=2.5
 
   diffnet.filter imported.expt strong.refl min_p_hit=0.8
 """

@@ -48,7 +48,7 @@ def test_filter_keeps_exactly_the_passing_stills(four_stills, tmp_path):
         records_json, tmp_path / "rules.json",
         p_hit=[0.9, 0.1, 0.9, 0.9], p_multi=[0.1, 0.1, 0.8, 0.1], d_min=[2.0, 2.0, 2.0, 2.0],
     )
-    result = diffnet(tmp_path, "filter", expt, refl, rules, "d_min=2.5")
+    result = diffnet(tmp_path, "filter", expt, refl, rules, "d_min=2.5", "max_p_multi=0.5")
     assert result.returncode == 0, result.stderr
     assert "not a hit" in result.stdout and "multi-lattice" in result.stdout
 

@@ -44,7 +44,7 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
     from dials.array_family import flex
 
     records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
-    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= 0.5 and r["p_multi"] <= 0.5}
+    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= 0.5}  # no multi-lattice rule by default
     kept = ExperimentListFactory.from_json_file(str(ssx_run / "filtered.expt"), check_format=True)
     kept_paths = {e.imageset.get_path(0) for e in kept}
     assert kept_paths == passing and all(len(e.imageset) == 1 for e in kept)
