@@ -4,7 +4,7 @@
 # training, Eiger 4M, over a wider wavelength range), training, evaluation, and the model card.
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images, default 8192), EPOCHS (default 10),
-# RESUME_EPOCHS (default "16 24", as the shipped model; empty: no resumed run).
+# RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -23,8 +23,8 @@ diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.image
 diffnet.train train_s1 model.depth=18 model.width=16 epochs=${EPOCHS:-10} batch_size=32 lr=2e-3 seed=0 \
   threads=2 checkpoint.directory=checkpoints output.weights=crystal.safetensors
 # Resumed runs, one per number in RESUME_EPOCHS (the cosine schedule re-spread over each new total,
-# i.e. a warm restart): the shipped model was trained 10 epochs, then resumed to 16, then to 24.
-for resume_epochs in ${RESUME_EPOCHS-16 24}; do
+# i.e. a warm restart): the shipped model was trained 10 epochs, then resumed to 16, 24 and 32.
+for resume_epochs in ${RESUME_EPOCHS-16 24 32}; do
   diffnet.train train_s1 model.depth=18 model.width=16 epochs=$resume_epochs batch_size=32 lr=2e-3 seed=0 \
     threads=2 checkpoint.directory=checkpoints checkpoint.resume=True output.weights=crystal.safetensors
 done
