@@ -9,8 +9,9 @@
    on the type head, random 90-degree rotations and flips of the grid (a rotation
    about the beam; the gap then lies elsewhere, so the net does not lean on one
    detector layout). Both models train in `train.fit`, the loop the crystallography
-   model uses (AdamW, warm-up then cosine decay, gradient clipping, CUDA when
-   present), scored after every epoch on the validation sets (dataset.validation_sets).
+   model uses (AdamW, warm-up then cosine decay, CUDA when present; the SPI configs
+   set a 20 % warm-up and no gradient clipping), scored after every epoch on the
+   validation sets (dataset.validation_sets).
 3. Twin network (SpiTwinNet): triplet loss, semi-hard mining inside batches of 4
    count classes x K patterns. The classes are the particle counts, not (count, type):
    an embedding that groups patterns by count across eight different particles is
@@ -30,13 +31,13 @@ import numpy as np
 import torch
 
 from dials_diffnet.datasets import square_symmetry
+from dials_diffnet.evaluate import resolve_device
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, SEEN_TYPES
 from dials_diffnet.spi.triplet import batch_triplet_loss
-from dials_diffnet.evaluate import resolve_device
 from dials_diffnet.train import fit
 from dials_diffnet.weights import save_model
 
