@@ -223,3 +223,64 @@ def test_symmetrised_fewshot_scores_do_not_depend_on_detector_orientation():
     turned = dict(data, x=np.ascontiguousarray(np.rot90(data["x"], 1, axes=(2, 3))))
     assert twin_metrics(twin, data, symmetrise=True) == twin_metrics(twin, turned, symmetrise=True)
     assert twin_metrics(twin, data) != twin_metrics(twin, turned)
+
+
+def test_multi_loss_learns_the_count_of_patterns_without_a_particle_type():
+    """Procedural particles carry a count but no type: the type term skips them, the count term does not."""
+    from dials_diffnet.spi.train import NO_TYPE, multi_labels, multi_loss
+
+    labels = multi_labels({"count": np.array([1, 4, 2]), "particle": np.array(["capsid", "random-7", "random-8"])})
+    assert labels["type"].tolist()[1:] == [NO_TYPE, NO_TYPE] and labels["count"].tolist() == [0, 3, 1]
+    labels = {k: torch.as_tensor(v) for k, v in labels.items()}
+    torch.manual_seed(0)
+    outputs = {"count_logits": torch.randn(3, 4, requires_grad=True), "type_logits": torch.randn(3, 8)}
+    loss, parts = multi_loss(outputs, labels)
+    expected_type = torch.nn.functional.cross_entropy(outputs["type_logits"][:1], labels["type"][:1])
+    assert parts["type"] == pytest.approx(expected_type.item())
+    untyped = {k: v[1:] for k, v in labels.items()}
+    loss, parts = multi_loss({k: v[1:] for k, v in outputs.items()}, untyped)
+    assert torch.isfinite(loss) and parts["type"] == 0.0
+    loss.backward()
+    assert outputs["count_logits"].grad[1:].abs().sum() > 0
+
+
+def test_procedural_sets_extend_without_reseeding_and_reuse_a_larger_cache(tmp_path, monkeypatch):
+    """The first k procedural shapes get the same seeds whatever the number asked for, so a cache of
+    more shapes serves a smaller request (sliced, not re-simulated or overwritten)."""
+    from dials_diffnet.spi import dataset
+
+    small, large = (dataset.standard_sets(scale=0.2, random_shapes=n)["random"] for n in (2, 3))
+    assert large[: len(small)] == small and len({s.particle for s in large}) == 3
+    assert min(s.seed for s in large) >= SEED_BASES["random"] and len({s.seed for s in large}) == len(large)
+    cache = tmp_path / "random.npz"
+    full = dataset.build(large, cache)
+    assert sorted(set(full["particle"])) == ["random-0", "random-1", "random-2"]
+
+    def no_simulation(spec):
+        raise AssertionError("re-simulated a cached pattern")
+
+    monkeypatch.setattr(dataset, "_tensor", no_simulation)
+    part = dataset.build(small, cache)
+    assert np.array_equal(part["x"], full["x"][: len(small)]) and list(part["seed"]) == [s.seed for s in small]
+    assert len(np.load(cache)["seed"]) == len(large)
+
+
+def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projection():
+    from dials_diffnet.spi.evaluate import accuracy_by_separation, smallest_projected_separation
+    from dials_diffnet.spi.particles import bead_model
+
+    seeds = np.arange(SEED_BASES["check"] + 500, SEED_BASES["check"] + 540)
+    data = {"seed": seeds, "particle": np.array(["rod"] * 40), "count": np.tile([1, 2, 3, 4], 10),
+            "noise": np.array(["clean"] * 40), "pool": np.array(["train"] * 40)}
+    separation = np.array([smallest_projected_separation(data, r) for r in range(40)])
+    assert np.isinf(separation[data["count"] == 1]).all()
+    pairs = separation[data["count"] == 2]
+    params = sim.shot_params(int(seeds[1]), "rod", 2, "clean", "train")
+    assert pairs[0] == pytest.approx(np.linalg.norm(params.offsets[0, :2] - params.offsets[1, :2])
+                                     / (2 * bead_model("rod").radius))
+    assert (pairs <= 3.0 + 1e-9).all() and (separation[data["count"] > 1] >= 0).all()
+    count_ok = separation > 0.75  # a stand-in for "counted right"
+    table = accuracy_by_separation(data, np.arange(40), count_ok)
+    assert sum(v["n"] for v in table.values()) == 30  # every multiple hit in one bin, no single hit
+    assert table["0-0.5 diameters"]["count_accuracy"] in (0.0, None)
+    assert table["1-inf diameters"]["count_accuracy"] == 1.0

@@ -129,3 +129,28 @@ def test_pnccd_detector_and_grid():
     assert 0.9 < x[1].mean() < 1.0  # the grid lies inside the detector; only gap and hole are invalid
     rows = x[1].sum(axis=1)
     assert rows[SPI_GRID.size // 2] < 0.2 * SPI_GRID.size  # the gap crosses the grid's middle
+
+
+def test_random_shapes_are_single_bodies_of_varied_size_and_repeat_from_their_index():
+    from dials_diffnet.spi.particles import random_shape, random_shape_names
+
+    names = random_shape_names(40)
+    extents, bodies = [], set()
+    for name in names:
+        beads = bead_model(name)
+        assert np.allclose(beads.positions.mean(axis=0), 0, atol=1e-6)
+        # bead graininess stays beyond the detector's reach, as for the named types
+        assert beads.sigma / 0.35 <= 22.0 + 1e-9
+        # one body: no bead is further than ~one lattice step from another one
+        p = beads.positions
+        nearest = np.sort(np.linalg.norm(p[:200, None] - p[None], axis=2), axis=1)[:, 1]
+        assert nearest.max() <= 1.01 * beads.sigma / 0.35 * np.sqrt(3)
+        extents.append(np.ptp(p, axis=0).max() / 10)
+        bodies.add(np.round(p, 3).tobytes())
+    assert 8 <= min(extents) < 20 and 50 < max(extents) <= 82 and len(bodies) == len(names)
+    assert np.array_equal(random_shape(3).positions, bead_model("random-3").positions)
+    shot = sim.shot_params(11, "random-3", 2, "clean", "train")
+    assert shot.particle == "random-3" and shot.count == 2
+    for bad in ("random-", "random-x", "torus2"):
+        with pytest.raises(ValueError):
+            sim.shot_params(11, bad, 2, "clean", "train")

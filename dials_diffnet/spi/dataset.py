@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dials_diffnet.spi.simulate import MAX_COUNT, represent_shot, shot_params, simulate
+from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
 
 logger = logging.getLogger("dials.diffnet.spi.dataset")
 
 # Disjoint seed ranges: a training seed can never reappear in a test set.
-SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000, "validation": 5_000_000}
+SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000, "validation": 5_000_000, "random": 6_000_000}
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,16 @@ def _init_worker():
 
 
 def build(specs, cache: pathlib.Path | None = None, workers: int = 1) -> dict:
-    """{'x': (N, 2, S, S) float16, 'count', 'particle', 'noise', 'seed'} for the specs, cached at `cache`."""
+    """{'x': (N, 2, S, S) float16, 'count', 'particle', 'noise', 'seed'} for the specs, cached at `cache`
+    (a cache holding more patterns after these is sliced, not overwritten)."""
     if cache is not None and pathlib.Path(cache).is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        if len(data["seed"]) == len(specs) and np.array_equal(data["seed"], [s.seed for s in specs]):
-            return data
+        # a cached set that starts with these specs (e.g. more procedural shapes) serves too
+        if len(data["seed"]) >= len(specs) and np.array_equal(data["seed"][: len(specs)], [s.seed for s in specs]):
+            return {k: v[: len(specs)] for k, v in data.items()}
     start = time.time()
+    for name in sorted({s.particle for s in specs}):
+        particle_transform(name)  # built once here, shared by the forked workers
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
             xs = pool.map(_tensor, specs, chunksize=16)
@@ -88,23 +92,37 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1) -> dict:
     return data
 
 
-def standard_sets(scale: float = 1.0) -> dict:
+def standard_sets(scale: float = 1.0, random_shapes: int = 0) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
     train:  seen types x counts 1-4 x {clean, noisy}, training geometry pool
-    test:   the same classes, disjoint seeds, the test geometry pool (unseen geometries)
+    random: (when random_shapes > 0) that many procedural particles x counts x {clean, noisy} x 5,
+            training geometry pool: extra training data for the count, no particle type
+    test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
     unseen: the held-back particle types, for the twin network's few-shot test
     """
-    from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES
+    from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES, random_shape_names
 
     def n(k):
         return max(1, int(round(k * scale)))
 
-    return {
+    sets = {
         "train": balanced_specs("train", SEEN_TYPES, n(75)),
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }
+    if random_shapes:
+        # a seed block per shape, so the first k shapes' patterns do not depend on how many are asked for
+        per_shape = n(5)
+        block = per_shape * 2 * MAX_COUNT
+        sets["random"] = [spec for k, name in enumerate(random_shape_names(random_shapes))
+                          for spec in balanced_specs("random", [name], per_shape, pool="train", offset=k * block)]
+    return sets
+
+
+def joined(*sets: dict) -> dict:
+    """One set holding the patterns of several (e.g. train and random)."""
+    return {k: np.concatenate([s[k] for s in sets]) for k in sets[0]}
 
 
 def validation_sets(scale: float = 1.0) -> dict:

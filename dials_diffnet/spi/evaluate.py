@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.spi.particles import UNSEEN_TYPES
-from dials_diffnet.spi.train import TWIN, load_sets, train_twin
+from dials_diffnet.spi.particles import UNSEEN_TYPES, bead_model
+from dials_diffnet.spi.simulate import shot_params
+from dials_diffnet.spi.train import TWIN, load_sets, train_twin, training_data
 from dials_diffnet.weights import load_model, save_model
 
 logger = logging.getLogger("dials.diffnet.spi.evaluate")
@@ -69,7 +70,31 @@ def multi_metrics(model, card, data, rows) -> dict:
         "count_accuracy_by_type": {
             str(t): float(np.mean(count_ok[data["particle"][rows] == t])) for t in np.unique(data["particle"][rows])
         },
+        "count_accuracy_by_projected_separation": accuracy_by_separation(data, rows, count_ok),
     }
+
+
+SEPARATION_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, np.inf))
+
+
+def smallest_projected_separation(data: dict, row: int) -> float:
+    """Closest pair of particle centres seen along the beam, in particle diameters (inf for one particle):
+    two particles less than a diameter apart in projection overlap on the detector's view."""
+    params = shot_params(int(data["seed"][row]), str(data["particle"][row]), int(data["count"][row]),
+                         str(data["noise"][row]), str(data["pool"][row]))
+    xy = params.offsets[:, :2]  # the beam runs along z
+    gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i + 1, len(xy))]
+    return min(gaps) / (2 * bead_model(params.particle).radius) if gaps else np.inf
+
+
+def accuracy_by_separation(data: dict, rows, count_ok) -> dict:
+    """Count accuracy of multiple hits by how far apart their closest pair is in projection."""
+    separation = np.array([smallest_projected_separation(data, r) for r in rows])
+    out = {}
+    for lo, hi in SEPARATION_BINS:
+        sel = (separation >= lo) & (separation < hi)
+        out[f"{lo:g}-{hi:g} diameters"] = {"n": int(sel.sum()), "count_accuracy": float(np.mean(count_ok[sel])) if sel.any() else None}
+    return out
 
 
 def fewshot_scores(embeddings, counts, types, n_support=N_SUPPORT, trials=TRIALS, seed=0) -> dict:
@@ -181,6 +206,10 @@ def print_tables(results: dict):
     for noise, m in results["multi"].items():
         print(f"{noise:<8} {m['n']:>5} {100 * m['test_accuracy']:>9.1f} {100 * m['count_accuracy']:>10.1f} "
               f"{100 * m['particle_accuracy']:>13.1f} {100 * m['single_vs_multi_accuracy']:>13.1f}")
+    print("count accuracy of multiple hits by the closest pair's separation in projection (particle diameters):")
+    for noise, m in results["multi"].items():
+        print(f"{noise:<8} " + "  ".join(f"{k}: {100 * v['count_accuracy']:.1f} (n={v['n']})"
+                                        for k, v in m["count_accuracy_by_projected_separation"].items() if v["n"]))
     for key, how in (("twin_unseen", ""), ("twin_unseen_symmetrised", ", embeddings averaged over the 8 symmetries")):
         print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws{how}")
         print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
@@ -222,11 +251,13 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     weights = pathlib.Path(args.weights)
 
-    sets = load_sets(pathlib.Path(args.cache), workers=args.workers)
-    if args.validation:
-        sets.update(load_sets(pathlib.Path(args.cache), workers=args.workers, validation=True))
     multi, multi_card = load_model(weights / "spi_multi.safetensors")
     twin, twin_card = load_model(weights / "spi_twin.safetensors")
+    # the sweep's heads train on what the twin trained on
+    twin_random_shapes = twin_card["training"].get("random_shapes", 0) if args.sweep else 0
+    sets = load_sets(pathlib.Path(args.cache), workers=args.workers, random_shapes=twin_random_shapes)
+    if args.validation:
+        sets.update(load_sets(pathlib.Path(args.cache), workers=args.workers, validation=True))
     test = sets["test"]
     results = {
         "multi": {noise: multi_metrics(multi, multi_card, test, np.flatnonzero(test["noise"] == noise))
@@ -239,7 +270,7 @@ def main(argv=None):
                      "noisy": multi_card["training"]["data"]["noisy"]},
     }
     if args.sweep:
-        results["sweep"] = sweep(twin, sets["train"], sets["unseen"], args.sweep_epochs)
+        results["sweep"] = sweep(twin, training_data(sets, twin_random_shapes), sets["unseen"], args.sweep_epochs)
     multi_rate, twin_rate, rep_rate = inference_rate(multi), inference_rate(twin), representation_rate()
     results["rates"] = {
         "threads": torch.get_num_threads(),

@@ -11,6 +11,10 @@ bead form factor damps them further.
 Eight types are used for training ("seen"); four are held back ("unseen") to
 test whether the twin network's single-vs-multi judgement transfers to new
 samples. Sizes are maximal extents.
+
+`random_shape(k)` ("random-k") adds procedural particles for training only: fused
+ellipsoids, some hollow, ~11-80 nm. They teach the networks what a particle count
+looks like independently of any one shape; no held-back type is ever generated.
 """
 
 from __future__ import annotations
@@ -269,8 +273,54 @@ SEEN_TYPES = [name for name, t in PARTICLE_TYPES.items() if t.seen]
 UNSEEN_TYPES = [name for name, t in PARTICLE_TYPES.items() if not t.seen]
 
 
+RANDOM_PREFIX = "random-"
+RANDOM_SIZE_NM = (14.0, 100.0)  # drawn; the fused bodies come out ~11-80 nm
+
+
+def random_shape(index: int) -> Beads:
+    """Procedural particle number `index`: 1-4 ellipsoids fused into one body (each new one centred
+    inside a previous one), each hollow with probability 0.3, maximal extent ~11-80 nm."""
+    rng = np.random.default_rng([7, index])
+    radius = 5.0 * np.exp(rng.uniform(*np.log(RANDOM_SIZE_NM)))  # Angstrom, half the extent
+    parts = []  # (centre, radii, hollow)
+    for _ in range(int(rng.integers(1, 5))):
+        radii = radius * rng.uniform(0.2, 0.6, 3)
+        if parts:
+            centre, r, _ = parts[rng.integers(len(parts))]
+            direction = rng.standard_normal(3)
+            centre = centre + direction / np.linalg.norm(direction) * r.min() * rng.uniform(0.3, 0.9)
+        else:
+            centre = np.zeros(3)
+        parts.append((centre, radii, rng.uniform() < 0.3))
+    # scale to the drawn size: how far the fused parts reach depends on how they were placed
+    scale = radius / max(np.linalg.norm(c) + r.max() for c, r, _ in parts)
+    parts = [(c * scale, r * scale, hollow) for c, r, hollow in parts]
+    spacing = float(np.clip(radius / 12.0, 6.0, 22.0))
+
+    def inside(p):
+        hit = np.zeros(len(p), bool)
+        for centre, radii, hollow in parts:
+            body = _ellipsoid(p, centre, radii)
+            if hollow:  # a wall of at least two bead spacings
+                body &= ~_ellipsoid(p, centre, np.maximum(radii - 2 * spacing, 1e-3))
+            hit |= body
+        return hit
+
+    return _filled(inside, radius + spacing, spacing)
+
+
+def random_shape_names(n: int, start: int = 0) -> list:
+    return [f"{RANDOM_PREFIX}{k}" for k in range(start, start + n)]
+
+
+def is_particle(name: str) -> bool:
+    return name in PARTICLE_TYPES or (name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX):].isdigit())
+
+
 @lru_cache(maxsize=None)
 def bead_model(name: str) -> Beads:
+    if name.startswith(RANDOM_PREFIX) and is_particle(name):
+        return random_shape(int(name[len(RANDOM_PREFIX):]))
     if name not in PARTICLE_TYPES:
         raise KeyError(f"unknown particle type {name!r}; known: {sorted(PARTICLE_TYPES)}")
     return PARTICLE_TYPES[name].build()

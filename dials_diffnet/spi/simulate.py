@@ -45,7 +45,7 @@ import torch
 
 from dials_diffnet.representation import BeamGeometry, PanelGeometry, cached_grid_map, pixel_q, represent
 from dials_diffnet.spi import SPI_GRID
-from dials_diffnet.spi.particles import PARTICLE_TYPES, Beads, bead_model
+from dials_diffnet.spi.particles import PARTICLE_TYPES, Beads, bead_model, is_particle
 
 # pnCCD-like detector
 PIXEL_MM = 0.075
@@ -165,7 +165,7 @@ def shot_params(
     drawn_particle, drawn_count = names[rng.integers(len(names))], int(rng.integers(1, MAX_COUNT + 1))
     particle = particle or drawn_particle
     count = count or drawn_count
-    if particle not in PARTICLE_TYPES:
+    if not is_particle(particle):
         raise ValueError(f"unknown particle type {particle!r}")
     if not 1 <= count <= MAX_COUNT:
         raise ValueError(f"count must be 1-{MAX_COUNT}, not {count}")

@@ -35,8 +35,8 @@ from dials_diffnet.evaluate import resolve_device
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
-from dials_diffnet.spi.dataset import SEED_BASES, build, standard_sets, validation_sets
-from dials_diffnet.spi.particles import PARTICLE_TYPES, SEEN_TYPES
+from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
+from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES
 from dials_diffnet.spi.triplet import batch_triplet_loss
 from dials_diffnet.train import fit
 from dials_diffnet.weights import save_model
@@ -45,15 +45,18 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 
 # Small nets on few patterns: a long warm-up and no gradient clipping (as the one-cycle schedule
 # these models were first trained with), not the crystallography defaults of train.fit.
-MULTI = dict(width=16, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0)
+# random_shapes: procedural particles (particles.random_shape) joining the seen types in training.
+MULTI = dict(width=16, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
+             random_shapes=0, seed=0)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
-            lr=3e-3, warmup=0.2, grad_clip=0.0)
+            lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0)
 
 
-def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False) -> dict:
-    """The standard sets (train, test, unseen), or with `validation` the validation sets
-    (under the names test and unseen, so evaluation code takes either)."""
-    sets = validation_sets(scale) if validation else standard_sets(scale)
+def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
+              random_shapes: int = 0) -> dict:
+    """The standard sets (train, test, unseen; random with `random_shapes`), or with `validation` the
+    validation sets (under the names test and unseen, so evaluation code takes either)."""
+    sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes)
     prefix = "validation_" if validation else ""
     return {
         name: build(specs, cache / f"{prefix}{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz", workers)
@@ -107,15 +110,20 @@ class PKBatchSampler(torch.utils.data.Sampler):
             yield np.concatenate([ix[b * k : (b + 1) * k] for ix in by_class]).tolist()
 
 
+NO_TYPE = -100  # procedural particles have a count but no particle type to learn
+
+
 def multi_labels(data: dict) -> dict:
     return {"count": data["count"].astype(np.int64) - 1,
-            "type": np.array([SEEN_TYPES.index(p) for p in data["particle"]], np.int64)}
+            "type": np.array([SEEN_TYPES.index(p) if p in SEEN_TYPES else NO_TYPE for p in data["particle"]], np.int64)}
 
 
 def multi_loss(outputs: dict, labels: dict):
-    """Cross-entropy on the count head plus cross-entropy on the type head."""
+    """Cross-entropy on the count head plus cross-entropy on the type head (patterns with a type only)."""
     count = torch.nn.functional.cross_entropy(outputs["count_logits"], labels["count"])
-    kind = torch.nn.functional.cross_entropy(outputs["type_logits"], labels["type"])
+    typed = labels["type"] != NO_TYPE
+    kind = (torch.nn.functional.cross_entropy(outputs["type_logits"][typed], labels["type"][typed])
+            if typed.any() else outputs["type_logits"].sum() * 0.0)
     right = (outputs["count_logits"].argmax(1) == labels["count"]).float().mean()
     return count + kind, {"count": count.item(), "type": kind.item(), "count_accuracy": right.item()}
 
@@ -185,8 +193,9 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
     return model.to("cpu").eval(), result["history"]
 
 
-def simulator_card(sets: dict) -> dict:
+def simulator_card(sets: dict, random_shapes: int) -> dict:
     """What the training data were, so a card says exactly what the model has seen."""
+    extra = random_patterns(sets, random_shapes) if random_shapes else None
     return {
         "simulator": "dials_diffnet.spi.simulate (coherent bead sums on a pnCCD-like detector)",
         "detector": {"pixel_mm": sim.PIXEL_MM, "frame": list(sim.FRAME_SHAPE), "gap_pixels": sim.GAP_PIXELS,
@@ -200,16 +209,21 @@ def simulator_card(sets: dict) -> dict:
         "particle_types": {n: PARTICLE_TYPES[n].description for n in PARTICLE_TYPES},
         "train_patterns": int(len(sets["train"]["seed"])),
         "train_seeds": [int(sets["train"]["seed"].min()), int(sets["train"]["seed"].max())],
+        **({"random_shape_patterns": int(len(extra["seed"])),
+            "random_shapes": [f"{RANDOM_PREFIX}0", f"{RANDOM_PREFIX}{random_shapes - 1}"],
+            "random_seeds": [int(extra["seed"].min()), int(extra["seed"].max())],
+            "random_shape_recipe": "particles.random_shape(k): 1-4 fused ellipsoids, some hollow, ~11-80 nm"}
+           if extra is not None else {}),
         "test_seeds_start_at": SEED_BASES["test"],
     }
 
 
 LIMITATIONS = (
     "Trained only on simulated patterns (coarse-grained bead models, pnCCD-like detector, distance x wavelength "
-    "2000-3200 mm*A) on one CPU thread (4800 patterns, 20 epochs; 12.5 CPU minutes for the multi-output CNN, "
-    "5.6 for the twin); not validated on real SPI data. 4-class count accuracy is ~85-86 % (multi-output CNN), "
-    "far below the 99 % target: 3 vs 4 particles is the main confusion. Single-vs-multi is ~99 % on seen types, "
-    "~92-94 % with the twin network on unseen types (5 support patterns per class)."
+    "2000-3200 mm*A) on one CPU thread; not validated on real SPI data. 4-class count accuracy is ~85-86 % "
+    "(multi-output CNN), far below the 99 % target: 3 vs 4 particles is the main confusion, worst for elongated "
+    "particles and for particles that overlap in projection. Single-vs-multi is ~99 % on seen types; the twin "
+    "network's few-shot single-vs-multi on unseen types is in its evaluation block."
 )
 
 
@@ -223,7 +237,7 @@ def card(name: str, model, config: dict, sets: dict, seconds: dict, extra: dict)
         "input": "representation.represent on SPI_GRID (channel 0 log1p counts minus median, channel 1 valid)",
         **{k: v for k, v in extra.items() if k != "architecture"},
         "training": {**config, **seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "data": simulator_card(sets)},
+                     "data": simulator_card(sets, config["random_shapes"])},
         "parameters": sum(p.numel() for p in model.parameters()),
         "limitations": LIMITATIONS,
     }
@@ -240,23 +254,25 @@ def main(argv=None):
     parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
     parser.add_argument("--width", type=int, help="override both models' trunk width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--random-shapes", type=int,
+                        help="override both models' number of procedural particles in the training data (0: none)")
+    parser.add_argument("--seed", type=int, help="override both models' training seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = pathlib.Path(args.out)
 
     start = time.time()
-    sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers)
+    multi_config, twin_config = dict(MULTI), dict(TWIN)
+    for key in ("epochs", "patterson", "width", "random_shapes", "seed"):
+        if getattr(args, key) is not None:
+            multi_config[key] = twin_config[key] = getattr(args, key)
+    trained = [c for name, c in (("multi", multi_config), ("twin", twin_config)) if args.only in (None, name)]
+    sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers,
+                     random_shapes=max(c["random_shapes"] for c in trained))
     validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True)
     data_seconds = time.time() - start
     device = resolve_device(args.device)
-    multi_config, twin_config = dict(MULTI), dict(TWIN)
-    if args.epochs:
-        multi_config["epochs"] = twin_config["epochs"] = args.epochs
-    if args.patterson:
-        multi_config["patterson"] = twin_config["patterson"] = args.patterson
-    if args.width:
-        multi_config["width"] = twin_config["width"] = args.width
 
     if args.only != "twin":
         train_and_save_multi(sets, validation, multi_config, data_seconds, out, device)
@@ -264,9 +280,22 @@ def main(argv=None):
         train_and_save_twin(sets, validation, twin_config, out, device)
 
 
+def random_patterns(sets: dict, random_shapes: int) -> dict:
+    """The patterns of the first `random_shapes` procedural particles in sets["random"]."""
+    index = np.array([int(p[len(RANDOM_PREFIX):]) for p in sets["random"]["particle"]])
+    if index.max() + 1 < random_shapes:
+        raise ValueError(f"the random set holds {index.max() + 1} procedural particles, not {random_shapes}")
+    return {k: v[index < random_shapes] for k, v in sets["random"].items()}
+
+
+def training_data(sets: dict, random_shapes: int) -> dict:
+    """The seen types' training patterns, joined by those of the first `random_shapes` procedural particles."""
+    return joined(sets["train"], random_patterns(sets, random_shapes)) if random_shapes else sets["train"]
+
+
 def train_and_save_multi(sets, validation, multi_config, data_seconds, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    multi, history = train_multi(sets["train"], multi_config, validation=validation["test"], device=device)
+    multi, history = train_multi(training_data(sets, multi_config["random_shapes"]), multi_config, multi_config["seed"], validation["test"], device)
     multi_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
                      "data_seconds": round(data_seconds), "device": str(device),
                      "history (validation: dataset.validation_sets)": history}
@@ -282,7 +311,8 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
 
 def train_and_save_twin(sets, validation, twin_config, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    twin, history = train_twin(sets["train"], twin_config, validation=validation["unseen"], device=device)
+    twin, history = train_twin(training_data(sets, twin_config["random_shapes"]), twin_config, twin_config["seed"], validation=validation["unseen"],
+                               device=device)
     twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
                     "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
     save_model(twin, card("spi_twin", twin, twin_config, sets, twin_seconds, {
