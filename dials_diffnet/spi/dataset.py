@@ -130,7 +130,7 @@ def validation_sets(scale: float = 1.0) -> dict:
     classes as train/test and the held-back types, seeds of their own, training geometry pool."""
     from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES
 
-    per_class = max(1, int(round(10 * scale)))
+    per_class = max(6, int(round(10 * scale)))  # few-shot scoring draws 5 support patterns per class, plus queries
     return {
         "test": balanced_specs("validation", SEEN_TYPES, per_class, pool="train"),
         "unseen": balanced_specs("validation", UNSEEN_TYPES, per_class, pool="train", offset=100_000),
