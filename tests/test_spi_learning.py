@@ -284,3 +284,16 @@ def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projectio
     assert sum(v["n"] for v in table.values()) == 30  # every multiple hit in one bin, no single hit
     assert table["0-0.5 diameters"]["count_accuracy"] in (0.0, None)
     assert table["1-inf diameters"]["count_accuracy"] == 1.0
+
+
+def test_validation_sets_hold_enough_patterns_for_few_shot_scoring_at_any_scale():
+    from collections import Counter
+
+    from dials_diffnet.spi.dataset import validation_sets
+    from dials_diffnet.spi.evaluate import N_SUPPORT
+
+    for scale in (0.05, 1.0):
+        for specs in validation_sets(scale).values():
+            per_class = Counter((s.particle, s.count, s.noise) for s in specs)
+            assert min(per_class.values()) > N_SUPPORT
+            assert all(s.seed >= SEED_BASES["validation"] for s in specs)
