@@ -274,6 +274,7 @@ UNSEEN_TYPES = [name for name, t in PARTICLE_TYPES.items() if not t.seen]
 
 
 RANDOM_PREFIX = "random-"
+RANDOM_AXIS_RANGE = (0.2, 0.6)  # each ellipsoid semi-axis, as a fraction of the particle's radius
 RANDOM_SIZE_NM = (14.0, 100.0)  # drawn; the fused bodies come out ~11-80 nm
 
 
@@ -284,7 +285,7 @@ def random_shape(index: int) -> Beads:
     radius = 5.0 * np.exp(rng.uniform(*np.log(RANDOM_SIZE_NM)))  # Angstrom, half the extent
     parts = []  # (centre, radii, hollow)
     for _ in range(int(rng.integers(1, 5))):
-        radii = radius * rng.uniform(0.2, 0.6, 3)
+        radii = radius * rng.uniform(*RANDOM_AXIS_RANGE, 3)
         if parts:
             centre, r, _ = parts[rng.integers(len(parts))]
             direction = rng.standard_normal(3)
