@@ -22,7 +22,8 @@ from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_
 logger = logging.getLogger("dials.diffnet.spi.dataset")
 
 # Disjoint seed ranges: a training seed can never reappear in a test set.
-SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000, "validation": 5_000_000, "random": 6_000_000}
+SEED_BASES = {"train": 1_000_000, "test": 2_000_000, "unseen": 3_000_000, "check": 4_000_000, "validation": 5_000_000,
+              "random": 6_000_000}
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ def accuracy_by_separation(data: dict, rows, count_ok) -> dict:
     out = {}
     for lo, hi in SEPARATION_BINS:
         sel = (separation >= lo) & (separation < hi)
-        out[f"{lo:g}-{hi:g} diameters"] = {"n": int(sel.sum()), "count_accuracy": float(np.mean(count_ok[sel])) if sel.any() else None}
+        out[f"{lo:g}-{hi:g} diameters"] = {"n": int(sel.sum()),
+                                           "count_accuracy": float(np.mean(count_ok[sel])) if sel.any() else None}
     return out
 
 
@@ -288,8 +289,8 @@ def main(argv=None):
             keep["evaluation"] = {
                 "spi_multi": {"multi": results["multi"], "rates": results["rates"]},
                 "spi_twin": {"twin_unseen": results["twin_unseen"],
-                             "twin_unseen_symmetrised": results["twin_unseen_symmetrised"], "sweep": results.get("sweep"),
-                             "rates": results["rates"]},
+                             "twin_unseen_symmetrised": results["twin_unseen_symmetrised"],
+                             "sweep": results.get("sweep"), "rates": results["rates"]},
             }[name]
             save_model(model, keep, weights / f"{name}.safetensors")
 

@@ -314,14 +314,21 @@ def random_shape_names(n: int, start: int = 0) -> list:
     return [f"{RANDOM_PREFIX}{k}" for k in range(start, start + n)]
 
 
+def random_shape_index(name: str) -> int | None:
+    """k for a procedural particle's name "random-k", None for any other name."""
+    number = name[len(RANDOM_PREFIX):]
+    return int(number) if name.startswith(RANDOM_PREFIX) and number.isdigit() else None
+
+
 def is_particle(name: str) -> bool:
-    return name in PARTICLE_TYPES or (name.startswith(RANDOM_PREFIX) and name[len(RANDOM_PREFIX):].isdigit())
+    return name in PARTICLE_TYPES or random_shape_index(name) is not None
 
 
 @lru_cache(maxsize=None)
 def bead_model(name: str) -> Beads:
-    if name.startswith(RANDOM_PREFIX) and is_particle(name):
-        return random_shape(int(name[len(RANDOM_PREFIX):]))
+    index = random_shape_index(name)
+    if index is not None:
+        return random_shape(index)
     if name not in PARTICLE_TYPES:
         raise KeyError(f"unknown particle type {name!r}; known: {sorted(PARTICLE_TYPES)}")
     return PARTICLE_TYPES[name].build()

@@ -36,7 +36,7 @@ from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
-from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES
+from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
 from dials_diffnet.spi.triplet import batch_triplet_loss
 from dials_diffnet.train import fit
 from dials_diffnet.weights import save_model
@@ -282,7 +282,7 @@ def main(argv=None):
 
 def random_patterns(sets: dict, random_shapes: int) -> dict:
     """The patterns of the first `random_shapes` procedural particles in sets["random"]."""
-    index = np.array([int(p[len(RANDOM_PREFIX):]) for p in sets["random"]["particle"]])
+    index = np.array([random_shape_index(p) for p in sets["random"]["particle"]])
     if index.max() + 1 < random_shapes:
         raise ValueError(f"the random set holds {index.max() + 1} procedural particles, not {random_shapes}")
     return {k: v[index < random_shapes] for k, v in sets["random"].items()}
@@ -295,7 +295,8 @@ def training_data(sets: dict, random_shapes: int) -> dict:
 
 def train_and_save_multi(sets, validation, multi_config, data_seconds, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    multi, history = train_multi(training_data(sets, multi_config["random_shapes"]), multi_config, multi_config["seed"], validation["test"], device)
+    data = training_data(sets, multi_config["random_shapes"])
+    multi, history = train_multi(data, multi_config, multi_config["seed"], validation["test"], device)
     multi_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
                      "data_seconds": round(data_seconds), "device": str(device),
                      "history (validation: dataset.validation_sets)": history}
@@ -311,8 +312,8 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
 
 def train_and_save_twin(sets, validation, twin_config, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
-    twin, history = train_twin(training_data(sets, twin_config["random_shapes"]), twin_config, twin_config["seed"], validation=validation["unseen"],
-                               device=device)
+    data = training_data(sets, twin_config["random_shapes"])
+    twin, history = train_twin(data, twin_config, twin_config["seed"], validation=validation["unseen"], device=device)
     twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
                     "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
     save_model(twin, card("spi_twin", twin, twin_config, sets, twin_seconds, {
