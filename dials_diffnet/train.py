@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from dials_diffnet import evaluate
 from dials_diffnet.datasets import ShardDataset, ShardSampler, split_indices
+from dials_diffnet.models import build
 from dials_diffnet.models.resnet import CrystalNet
 from dials_diffnet.representation import REPRESENTATION_VERSION
-from dials_diffnet.weights import save_model, sha256
+from dials_diffnet.weights import load_model, save_model, sha256
 
 logger = logging.getLogger("dials.diffnet.train")
 
@@ -255,8 +256,10 @@ def train_crystal(params) -> dict:
     )
     val_loader = torch.utils.data.DataLoader(val_set, **loader_args)
 
-    architecture = {"class": "CrystalNet", "depth": params.model.depth, "width": params.model.width, "in_channels": 2}
-    model = CrystalNet(params.model.depth, params.model.width, 2)
+    architecture = {"class": "CrystalNet", "depth": params.model.depth, "width": params.model.width, "in_channels": 2,
+                    "radius_channel": params.model.radius_channel}
+    model = build(architecture)
+    initialised_from = initialise_from(model, params.model.init) if params.model.init else None
     config = {
         "architecture": architecture,
         "data": [str(pathlib.Path(d).resolve()) for d in params.data.train],
@@ -267,6 +270,7 @@ def train_crystal(params) -> dict:
         "augment": params.augment,
         "seed": params.seed,
         "epochs": params.epochs,
+        "initialised_from": initialised_from,
     }
     val_labels = val_set.labels
 
@@ -318,6 +322,35 @@ def train_crystal(params) -> dict:
         "validation": final,
     }
     return save_model(model, evaluate.json_safe(card), params.output.weights)
+
+
+def initialise_from(model: CrystalNet, weights_path) -> dict:
+    """Copy a trained crystal model's weights into `model` (in place); returns what it was.
+
+    Input planes the old model lacked (the stem convolution's extra input
+    channels) start at zero weight, so the new model starts with the old one's
+    predictions and training only has to learn what the new planes add.
+    """
+    old, card = load_model(weights_path)
+    if card.get("task") != "crystal":
+        raise ValueError(f"model.init={weights_path} is a {card.get('task')!r} model, not a crystal model")
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, value in old.state_dict().items():
+            target = state.get(name)
+            if target is None:
+                raise ValueError(f"model.init={weights_path}: {name} has no place in {type(model).__name__}")
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif target.dim() == 4 and target.shape[0] == value.shape[0] and target.shape[1] > value.shape[1] \
+                    and target.shape[2:] == value.shape[2:]:
+                target.zero_()
+                target[:, : value.shape[1]] = value
+            else:
+                raise ValueError(f"model.init={weights_path}: {name} is {tuple(value.shape)}, "
+                                 f"this model needs {tuple(target.shape)}: depth and width must match")
+    return {"name": card.get("name"), "version": card.get("version"), "sha256": card.get("sha256"),
+            "architecture": card.get("architecture")}
 
 
 def _label_definitions(data: ShardDataset) -> dict:

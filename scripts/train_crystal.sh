@@ -3,8 +3,9 @@
 # training shards (seed 1), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
 # training, Eiger 4M, over a wider wavelength range), training, evaluation, and the model card.
 #   bash scripts/train_crystal.sh            # or: make train-crystal
-# Environment: OUT (work directory), N_TRAIN (training images, default 8192), EPOCHS (default 10),
-# RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run).
+# Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
+# RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
+# FINAL_EPOCHS (default 8: the last stage, with the radius plane, on seeds 1 and 2; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -15,19 +16,30 @@ cd "$out"
 
 diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=1 nproc=2 shard_size=128 \
   recipe.images_per_geometry=32 output.directory=train_s1 output.log=simulate_train.log
+diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=2 nproc=2 shard_size=128 \
+  recipe.images_per_geometry=32 output.directory=train_s2 output.log=simulate_train2.log
 diffnet.simulate format=shards n_images=1024 seed=101 shard_size=128 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
 diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.images_per_geometry=16 \
   recipe.detectors=eiger4m recipe.wavelength=0.6,2.0 output.directory=test_s102_eiger4m output.log=simulate_test102.log
 
-diffnet.train train_s1 model.depth=18 model.width=16 epochs=${EPOCHS:-10} batch_size=32 lr=2e-3 seed=0 \
-  threads=2 checkpoint.directory=checkpoints output.weights=crystal.safetensors
+# Stage 1 (shipped as 0.3.0): no radius plane, seed-1 images only.
+stage1="train_s1 model.depth=18 model.width=16 model.radius_channel=False batch_size=32 lr=2e-3 seed=0 threads=2"
+diffnet.train $stage1 epochs=${EPOCHS:-10} checkpoint.directory=checkpoints output.weights=crystal.safetensors
 # Resumed runs, one per number in RESUME_EPOCHS (the cosine schedule re-spread over each new total,
 # i.e. a warm restart): the shipped model was trained 10 epochs, then resumed to 16, 24 and 32.
 for resume_epochs in ${RESUME_EPOCHS-16 24 32}; do
-  diffnet.train train_s1 model.depth=18 model.width=16 epochs=$resume_epochs batch_size=32 lr=2e-3 seed=0 \
-    threads=2 checkpoint.directory=checkpoints checkpoint.resume=True output.weights=crystal.safetensors
+  diffnet.train $stage1 epochs=$resume_epochs checkpoint.directory=checkpoints checkpoint.resume=True \
+    output.weights=crystal.safetensors
 done
+# Stage 2 (0.4.0): the stage-1 model given the |q| plane (zero weight at the start, so it begins
+# from stage 1's predictions), trained on twice the images (seeds 1 and 2) with a fresh schedule.
+if [ "${FINAL_EPOCHS:-8}" -gt 0 ]; then
+  mv crystal.safetensors crystal_stage1.safetensors && mv crystal.json crystal_stage1.json
+  diffnet.train train_s1 train_s2 model.depth=18 model.width=16 model.radius_channel=True \
+    model.init=crystal_stage1.safetensors epochs=${FINAL_EPOCHS:-8} batch_size=32 lr=1e-3 seed=0 threads=2 \
+    checkpoint.directory=checkpoints_stage2 output.weights=crystal.safetensors
+fi
 
 for test in test_s101 test_s102_eiger4m; do
   diffnet.evaluate $test model.crystal=crystal.safetensors output.json=evaluate_$test.json output.log=evaluate_$test.log

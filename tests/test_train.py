@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dials_diffnet.datasets import DatasetError, ShardDataset, ShardSampler, split_indices, write_index, write_shard
-from dials_diffnet.models.resnet import CrystalNet
-from dials_diffnet.train import crystal_loss, fit
-from dials_diffnet.weights import load_model
+from dials_diffnet.datasets import square_symmetry
+from dials_diffnet.models.resnet import CrystalNet, radius_plane
+from dials_diffnet.train import crystal_loss, fit, initialise_from
+from dials_diffnet.weights import load_model, save_model
 
 
 def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compressed=False):
@@ -168,7 +169,7 @@ def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, m
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert card["validation"]["resolution"]["pearson_r_inv_d"] > 0.8
     assert card["validation"]["hit"]["accuracy"] > 0.8
-    assert card["architecture"] == {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": 2}
+    assert card["architecture"] == {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": 2, "radius_channel": True}
     assert card["labels"] == {"s_min": "ring radius in the toy grid"}  # taken from the dataset recipe
     assert card["training"]["data"][0]["recipe"]["seed"] == 2 and card["training"]["seed"] == 1
     assert card["training"]["wall_time_s"] > 0 and card["training"]["device"].startswith("cpu")
@@ -179,6 +180,44 @@ def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, m
     data = ShardDataset(toy128)
     metrics, _ = evaluate_crystal(model, data.subset(split_indices(data, 0.2, 1)[1]), torch.device("cpu"))
     assert metrics["resolution"]["pearson_r_inv_d"] == pytest.approx(card["validation"]["resolution"]["pearson_r_inv_d"], abs=1e-4)
+
+
+def test_radius_plane_is_the_resolution_coordinate_and_survives_augmentation():
+    plane = radius_plane(torch.zeros(2, 2, 64, 64, dtype=torch.float64))[0, 0].numpy()
+    s_max = 0.8
+    # Cell (row, col) of a 64-cell grid reaching 0.8 1/A covers |q| = hypot of its centre's offsets.
+    centre = (np.arange(64) + 0.5) * (2 * s_max / 64) - s_max
+    np.testing.assert_allclose(plane * s_max, np.hypot(centre[:, None], centre[None, :]), atol=1e-12)
+    assert plane.min() == pytest.approx(np.sqrt(2) / 64) and plane[0, 0] == pytest.approx(np.sqrt(2) * 63 / 64)
+    for key in range(8):  # every augmentation leaves each cell's |q| where it was
+        np.testing.assert_array_equal(square_symmetry(plane[None], key)[0], plane)
+
+
+def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
+    torch.manual_seed(0)
+    old = CrystalNet(18, 4).eval()
+    for m in old.modules():  # non-trivial statistics, so that the check means something
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    arch = {"class": "CrystalNet", "depth": 18, "width": 4, "in_channels": 2}
+    save_model(old, {"name": "old", "task": "crystal", "version": "t", "architecture": arch}, tmp_path / "old.safetensors")
+    new = CrystalNet(18, 4, radius_channel=True)
+    info = initialise_from(new, tmp_path / "old.safetensors")
+    assert info["name"] == "old" and info["architecture"] == arch
+    x = torch.randn(3, 2, 64, 64)
+    with torch.no_grad():
+        before, after = old(x), new.eval()(x)
+    for name in CrystalNet.OUTPUTS:
+        torch.testing.assert_close(after[name], before[name])
+    # ... and the new plane is learnable: its stem weights get a gradient.
+    new.train()(x)["s_min"].sum().backward()
+    assert new.backbone.stem[0].weight.grad[:, 2].abs().sum() > 0
+    with pytest.raises(ValueError, match="depth and width must match"):
+        initialise_from(CrystalNet(18, 8, radius_channel=True), tmp_path / "old.safetensors")
+    save_model(old, {"name": "spi", "task": "spi_multi", "architecture": arch}, tmp_path / "spi.safetensors")
+    with pytest.raises(ValueError, match="not a crystal model"):
+        initialise_from(new, tmp_path / "spi.safetensors")
 
 
 def test_resume_after_interruption_matches_uninterrupted_training(toy64, tmp_path):
@@ -225,7 +264,8 @@ def test_command_line_errors_are_one_line(tmp_path, toy64):
     from diffnet.train import run
 
     for args, message in ((["nonsense=1"], "nonsense"), ([str(toy64), "model.depth=20"], "choose one of"),
-                          ([str(toy64), "device=cuda:99"], "no CUDA device")):
+                          ([str(toy64), "device=cuda:99"], "no CUDA device"),
+                          ([str(toy64), f"model.init={tmp_path}/missing.safetensors"], "missing")):
         with pytest.raises(Sorry, match=message):
             run(args)
     done = subprocess.run([sys.executable, "-m", "diffnet.train", f"data.train={tmp_path}"], cwd=tmp_path,

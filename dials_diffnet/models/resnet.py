@@ -88,21 +88,41 @@ class ResNet(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
+def radius_plane(x: torch.Tensor) -> torch.Tensor:
+    """|q| of every grid cell as a fraction of the grid's reach, shaped (N, 1, H, W) like `x`'s planes.
+
+    The grid centre is q = 0 (representation.py), so this is the resolution coordinate.
+    """
+    n_rows, n_cols = x.shape[-2:]
+    rows = torch.arange(n_rows, device=x.device, dtype=x.dtype) - (n_rows - 1) / 2
+    cols = torch.arange(n_cols, device=x.device, dtype=x.dtype) - (n_cols - 1) / 2
+    radius = torch.hypot(rows[:, None], cols[None, :]) / (n_rows / 2)
+    return radius.expand(x.shape[0], 1, n_rows, n_cols)
+
+
 class CrystalNet(nn.Module):
     """One backbone, three heads: resolution as |q| = 1/d (1/Angstrom), multi-lattice and hit logits.
 
     One forward pass per image serves all three judgements, which is what keeps
     inference at detector rate on a CPU.
+
+    `radius_channel` appends |q| as an input plane. Convolutions and average
+    pooling do not know where a feature sits, and resolution is where on the
+    radius spots fade; without it the net can only infer position from the grid
+    border, which is furthest away at the centre, where low-resolution shots live.
     """
 
     OUTPUTS = ("s_min", "multi_logit", "hit_logit")
 
-    def __init__(self, depth=18, width=64, in_channels=2):
+    def __init__(self, depth=18, width=64, in_channels=2, radius_channel=False):
         super().__init__()
-        self.backbone = ResNet(depth, width, in_channels)
+        self.radius_channel = radius_channel
+        self.backbone = ResNet(depth, width, in_channels + int(radius_channel))
         self.head = nn.Linear(self.backbone.n_features, len(self.OUTPUTS))
 
     def forward(self, x):
+        if self.radius_channel:
+            x = torch.cat([x, radius_plane(x)], dim=1)
         out = self.head(self.backbone(x))
         # Softplus keeps 1/d positive; blank images are judged by the hit head, not here.
         return {
