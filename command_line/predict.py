@@ -86,6 +86,10 @@ def single_inputs(params):
 
 def reject_unhandled(unhandled, accepted=()):
     rest = [a for a in unhandled if a not in accepted]
+    # e.g. output.no_such=1: the PHIL parser passes on a name inside a known scope
+    for a in rest:
+        if "=" in a and not os.path.exists(a):
+            raise Sorry(f"unknown parameter {a.split('=', 1)[0]!r} (-c lists the parameters)")
     if rest:
         missing = [a for a in rest if not os.path.exists(a)]
         what = "no such file" if missing else "not an experiments, reflections or PHIL file, nor a parameter"
