@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dials_diffnet.datasets import DatasetError, ShardDataset, ShardSampler, split_indices, write_index, write_shard
-from dials_diffnet.datasets import square_symmetry
+from dials_diffnet.datasets import (DatasetError, ShardDataset, ShardSampler, split_indices, square_symmetry,
+                                    write_index, write_shard)
 from dials_diffnet.models.resnet import CrystalNet, radius_plane
 from dials_diffnet.train import crystal_loss, fit, initialise_from
 from dials_diffnet.weights import load_model, save_model

@@ -106,10 +106,10 @@ class CrystalNet(nn.Module):
     One forward pass per image serves all three judgements, which is what keeps
     inference at detector rate on a CPU.
 
-    `radius_channel` appends |q| as an input plane. Convolutions and average
+    `radius_channel` appends |q| as an input plane: convolutions and average
     pooling do not know where a feature sits, and resolution is where on the
-    radius spots fade; without it the net can only infer position from the grid
-    border, which is furthest away at the centre, where low-resolution shots live.
+    radius spots fade. A control run found no gain from it at width 16
+    (docs/training.md); the shipped 0.4.0 model has it.
     """
 
     OUTPUTS = ("s_min", "multi_logit", "hit_logit")
