@@ -4,8 +4,9 @@ Simulated noisy pnCCD shots (seen particle types, 1-4 particles, test geometries
 seeds of the "check" range) are written as one CXI file; a labelled support set
 of a held-back type (ferritin, 5 patterns per count) as another. Timed:
   - `diffnet.predict task=spi run.cxi` as a subprocess (start-up included), median of 3;
-  - the same with `spi.reference=support.cxi` (few-shot labels from the twin network),
-    with the twin's embeddings averaged over the 8 grid symmetries (the default) and without;
+  - with the models averaged over the 8 grid symmetries (`views=Auto`, the default) and
+    over one (`views=1`), each with and without `spi.reference=support.cxi` (few-shot labels
+    from the twin network);
   - in-process `inference.predict_cxi` with the models loaded (start-up excluded).
 SPI pipelines have no DIALS equivalent to compare against; the bare read of the CXI
 frames (h5py) is timed as the limit.
@@ -57,11 +58,11 @@ def time_subprocess(run, workdir, *args, repeats=3) -> list[float]:
             for k in range(repeats)]
 
 
-def time_in_process(run, reference=None, symmetrise=True) -> float:
+def time_in_process(run, reference=None, views=8) -> float:
     from dials_diffnet.inference import predict_cxi
     from dials_diffnet.spi.task import SpiTask
 
-    task = SpiTask(reference=reference, symmetrise=symmetrise)
+    task = SpiTask(reference=reference, views=views)
     start = time.perf_counter()
     records = predict_cxi(task, run, batch_size=16)
     return len(records) / (time.perf_counter() - start)
@@ -83,14 +84,15 @@ def main():
               "n_shots": args.n_shots, "load_at_start": load_average(), "images_per_s": {}}
     rates = result["images_per_s"]
     rates["bare CXI read (h5py, one process)"] = time_read(run)
-    for name, extra in (("diffnet.predict task=spi", ()),
-                        ("  + spi.reference (symmetrised twin, default)", (f"spi.reference={support}",)),
-                        ("  + spi.reference, spi.symmetrise=False", (f"spi.reference={support}", "spi.symmetrise=False"))):
+    for name, extra in (("diffnet.predict task=spi (8 views, default)", ()),
+                        ("  + spi.reference", (f"spi.reference={support}",)),
+                        ("diffnet.predict task=spi views=1", ("views=1",)),
+                        ("  + spi.reference", (f"spi.reference={support}", "views=1"))):
         seconds = time_subprocess(run, workdir, *extra)
         rates[f"{name}, subprocess (median of 3)"] = args.n_shots / statistics.median(seconds)
-    rates["in-process, count + type"] = time_in_process(run)
-    rates["in-process, + few-shot (symmetrised)"] = time_in_process(run, support)
-    rates["in-process, + few-shot (plain)"] = time_in_process(run, support, symmetrise=False)
+    for views in (8, 1):
+        rates[f"in-process, count + type, {views} view(s)"] = time_in_process(run, views=views)
+        rates[f"in-process, + few-shot, {views} view(s)"] = time_in_process(run, support, views=views)
     result["load_at_end"] = load_average()
     print(f"{args.n_shots} noisy pnCCD shots, {result['machine']}, load {result['load_at_start']} -> {result['load_at_end']}")
     for k, v in rates.items():

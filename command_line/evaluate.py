@@ -58,9 +58,12 @@ def run(args=None, phil=working_phil):
 
     from dials_diffnet import evaluate
     from dials_diffnet.datasets import DatasetError, ShardDataset
+    from dials_diffnet.inference import resolve_views
+    from dials_diffnet.models.views import ViewAveraged
     from dials_diffnet.weights import WeightError, load_model, shipped_path
 
     weights = params.model.crystal or shipped_path("crystal")
+    views = resolve_views(params.views, "crystal")
     try:
         if params.threads:
             torch.set_num_threads(params.threads)
@@ -69,9 +72,11 @@ def run(args=None, phil=working_phil):
         dataset = ShardDataset(params.data)
         if list(dataset.grid) != card.get("grid", list(dataset.grid)):
             raise Sorry(f"dataset grid {list(dataset.grid)} differs from the model's {card['grid']}")
-        metrics, _ = evaluate.evaluate_crystal(model, dataset, device, params.batch_size, params.workers)
+        metrics, _ = evaluate.evaluate_crystal(ViewAveraged(model, views), dataset, device, params.batch_size,
+                                               params.workers)
         result = {
-            "model": {"path": str(weights), "name": card.get("name"), "architecture": card["architecture"], "sha256": card["sha256"]},
+            "model": {"path": str(weights), "name": card.get("name"), "architecture": card["architecture"],
+                      "sha256": card["sha256"], "views": views},
             "data": [str(pathlib.Path(d).resolve()) for d in params.data],
             **metrics,
         }
@@ -79,7 +84,7 @@ def run(args=None, phil=working_phil):
     except (DatasetError, WeightError, ValueError, OSError) as e:
         raise Sorry(str(e)) from None
 
-    logger.info("\nModel %s on %d images from %s\n", weights, metrics["n_images"], ", ".join(params.data))
+    logger.info("\nModel %s (%d views) on %d images from %s\n", weights, views, metrics["n_images"], ", ".join(params.data))
     logger.info(evaluate.format_tables(metrics))
     logger.info("\nSaved metrics to %s", params.output.json)
 

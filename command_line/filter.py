@@ -12,6 +12,7 @@ from dials.util.version import dials_version
 from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, write_records
 from diffnet.predict import phil_scope as predict_scope
 from dials_diffnet.images import iter_image_refs
+from dials_diffnet.inference import resolve_views
 from dials_diffnet.results import match_records, read_json, write_experiments, write_reflections
 from dials_diffnet.util import check_outputs, load_phil, parse_command_line
 
@@ -132,6 +133,7 @@ def run(args=None, phil=working_phil):
     params, options, unhandled = parse_command_line(parser, args)
     json_in = json_argument(unhandled)
     reject_unhandled(unhandled, accepted=[json_in])
+    params.views = resolve_views(params.views, params.task)
     if not params.input.experiments and not params.input.reflections:
         parser.print_help()
         return

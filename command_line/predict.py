@@ -13,7 +13,7 @@ from dials.util.options import ArgumentParser
 from dials.util.version import dials_version
 
 from dials_diffnet.images import iter_image_refs
-from dials_diffnet.inference import available_cores, make_task, predict_cxi, predict_images
+from dials_diffnet.inference import available_cores, make_task, predict_cxi, predict_images, resolve_views
 from dials_diffnet.results import (
     annotate_reflections,
     check_reflections_belong,
@@ -137,6 +137,7 @@ def run(args=None, phil=working_phil):
     params, options, unhandled = parse_command_line(parser, args)
     cxi_files = [a for a in unhandled if a.endswith(".cxi") and os.path.isfile(a)]
     reject_unhandled(unhandled, accepted=cxi_files)
+    params.views = resolve_views(params.views, params.task)
     if cxi_files:
         return run_cxi(params, options, parser, cxi_files)
     if not params.input.experiments and not params.input.reflections:

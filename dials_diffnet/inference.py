@@ -21,11 +21,13 @@ import re
 import signal
 from typing import Protocol
 
+import libtbx
 import numpy as np
 import torch
 from dials.util import Sorry, progress
 from dxtbx.model.experiment_list import ExperimentListFactory
 
+from dials_diffnet.models.views import VIEW_COUNTS, ViewAveraged
 from dials_diffnet.images import beam_geometry, detector_geometry, iter_image_refs, read_image
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
@@ -91,12 +93,12 @@ class CrystalTask:
     grid = CRYSTAL_GRID
     reflection_columns = ("d_min", "p_multi", "p_hit")
 
-    def __init__(self, weights_path, device="cpu"):
+    def __init__(self, weights_path, device="cpu", views=1):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.model, summary = load_task_model(weights_path, self.device)
+        model, summary = load_task_model(weights_path, self.device)
         # channels-last convolutions run ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.models = {"crystal": summary}
+        self.model = ViewAveraged(model.to(memory_format=torch.channels_last), views)
+        self.models = {"crystal": dict(summary, views=views)}
 
     def predict_batch(self, x: torch.Tensor) -> list[dict]:
         with torch.inference_mode(), autocast(self.device):
@@ -111,22 +113,37 @@ class CrystalTask:
         ]
 
 
+# Views averaged when `views=Auto`: on a CPU, two keep the crystal model within the readers' time per
+# image (BENCHMARKS.md); SPI frames are few per second, so all eight.
+DEFAULT_VIEWS = {"crystal": 2, "spi": 8}
+
+
+def resolve_views(views, task_name: str) -> int:
+    if views in (None, libtbx.Auto):
+        return DEFAULT_VIEWS[task_name]
+    if views not in VIEW_COUNTS:
+        raise Sorry(f"views must be one of {', '.join(map(str, VIEW_COUNTS))} (or Auto), not {views}")
+    return views
+
+
 def make_task(name: str, params, device: str) -> Task:
     """The task named by the `task` parameter, with its models from `params.model`."""
     torch_device = resolve_device(device)
+    if name in DEFAULT_VIEWS:
+        views = resolve_views(params.views, name)
     if name == "crystal":
         from dials_diffnet.weights import shipped_path
 
         path = params.model.crystal or shipped_path("crystal")
         if params.model.crystal is None and not path.is_file():
             raise Sorry(f"the shipped crystal model ({path}) is not installed; pass model.crystal=<file.safetensors>")
-        return CrystalTask(path, torch_device)
+        return CrystalTask(path, torch_device, views)
     if name == "spi":
         from dials_diffnet.spi.task import SpiTask
 
         return SpiTask(
             reference=params.spi.reference, device=torch_device,
-            multi_path=params.model.spi_multi, twin_path=params.model.spi_twin, symmetrise=params.spi.symmetrise,
+            multi_path=params.model.spi_multi, twin_path=params.model.spi_twin, views=views,
         )
     raise Sorry(f"unknown task={name}")
 

@@ -29,7 +29,7 @@ def test_module_and_console_script_print_the_same_phil(name):
     "argument, words",
     [("no_such_parameter=1", "no_such_parameter"), ("batch_size=x", "batch_size"), ("batch_size=0", "batch_size"),
      ("task=nonsense", "task"), ("missing_file.expt", "no such file"),
-     ("output.no_such=1", "unknown parameter 'output.no_such'")],
+     ("output.no_such=1", "unknown parameter 'output.no_such'"), ("views=3", "views must be one of 1, 2, 4, 8")],
 )
 def test_bad_parameter_is_a_one_line_sorry(tmp_path, argument, words):
     result = command(BIN / "diffnet.predict", argument, cwd=tmp_path)

@@ -155,6 +155,7 @@ def test_predict_stills_writes_records_table_and_unchanged_experiments(stills, c
         assert 0 <= r["p_multi"] <= 1 and 0 <= r["p_hit"] <= 1
     document = json.loads((tmp_path / "diffnet.json").read_text())
     assert document["models"]["crystal"]["version"] == "test"
+    assert document["models"]["crystal"]["views"] == 2  # views=Auto for task=crystal
     assert len(document["models"]["crystal"]["sha256"]) == 64
     # experiments out unchanged in content
     written = ExperimentListFactory.from_json_file(str(tmp_path / "diffnet.expt"), check_format=False)
@@ -176,6 +177,19 @@ def test_rerun_and_background_readers_give_identical_json(stills, crystal_model,
     for x, y in zip(load_records(tmp_path / "a.json"), load_records(tmp_path / "c.json")):
         assert x["d_min"] == pytest.approx(y["d_min"], rel=1e-5)
         assert x["p_hit"] == pytest.approx(y["p_hit"], rel=1e-5)
+
+
+def test_views_reach_the_model_and_are_recorded(stills, crystal_model, tmp_path):
+    expt, _ = stills
+    common = [expt, f"model.crystal={crystal_model}", "output.experiments=None", "output.table=None", "nproc=0"]
+    for views in (1, 8):
+        result = diffnet(tmp_path, "predict", *common, f"views={views}", f"output.json=v{views}.json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / f"v{views}.json").read_text())["models"]["crystal"]["views"] == views
+    one, eight = load_records(tmp_path / "v1.json"), load_records(tmp_path / "v8.json")
+    assert [r["path"] for r in one] == [r["path"] for r in eight]
+    assert all(0 <= r["p_hit"] <= 1 and math.isfinite(r["d_min"]) for r in eight)
+    assert any(abs(a["s_min"] - b["s_min"]) > 1e-6 for a, b in zip(one, eight))
 
 
 def _reloaded(path):

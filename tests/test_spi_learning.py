@@ -201,8 +201,8 @@ def test_symmetrised_embedding_is_invariant_under_the_grid_symmetries():
     twin = SpiTwinNet(embedding_size=8, width=4).eval()
     x = torch.rand(3, 2, SPI_GRID.size, SPI_GRID.size)
     with torch.no_grad():
-        e = twin.embed(x, symmetrise=True)
-        turned = twin.embed(torch.rot90(x, 1, dims=(2, 3)).flip(3), symmetrise=True)
+        e = twin.embed(x, views=8)
+        turned = twin.embed(torch.rot90(x, 1, dims=(2, 3)).flip(3), views=8)
         plain = twin.embed(x)
     assert torch.allclose(e, turned, atol=1e-5)
     assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -221,7 +221,7 @@ def test_symmetrised_fewshot_scores_do_not_depend_on_detector_orientation():
     data = {"x": rng.random((len(count), 2, SPI_GRID.size, SPI_GRID.size)).astype(np.float32), "count": count,
             "particle": np.tile(np.repeat(["a", "b"], 24), 2), "noise": np.repeat(["clean", "noisy"], 48)}
     turned = dict(data, x=np.ascontiguousarray(np.rot90(data["x"], 1, axes=(2, 3))))
-    assert twin_metrics(twin, data, symmetrise=True) == twin_metrics(twin, turned, symmetrise=True)
+    assert twin_metrics(twin, data, views=8) == twin_metrics(twin, turned, views=8)
     assert twin_metrics(twin, data) != twin_metrics(twin, turned)
 
 

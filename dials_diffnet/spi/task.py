@@ -22,6 +22,7 @@ import torch
 from dials.util import Sorry
 
 from dials_diffnet.images import RawImage, iter_image_refs, read_image
+from dials_diffnet.models.views import ViewAveraged
 from dials_diffnet.representation import cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels
@@ -92,15 +93,16 @@ class SpiTask:
     grid = SPI_GRID
 
     def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype",
-                 symmetrise=True):
+                 views=8):
         self.device = torch.device(device)
-        self.symmetrise = symmetrise
         from dials_diffnet.inference import load_task_model
 
         multi_file = multi_path or shipped_path("spi_multi")
-        self.multi, multi_summary = load_task_model(multi_file, self.device)
+        multi, multi_summary = load_task_model(multi_file, self.device)
+        self.multi = ViewAveraged(multi, views)
         self.twin, twin_summary = load_task_model(twin_path or shipped_path("spi_twin"), self.device)
-        self.models = {"spi_multi": multi_summary, "spi_twin": twin_summary}
+        self.views = views
+        self.models = {"spi_multi": dict(multi_summary, views=views), "spi_twin": dict(twin_summary, views=views)}
         self.particle_types = list(json.loads(card_path(multi_file).read_text())["particle_types"])
         self.reflection_columns = ["spi_count", "spi_p_single", "spi_type_prob"]
         self.fewshot = None
@@ -113,7 +115,7 @@ class SpiTask:
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, batch: int = 64) -> np.ndarray:
-        parts = [self.twin.embed(x[i : i + batch].float().to(self.device), self.symmetrise).cpu()
+        parts = [self.twin.embed(x[i : i + batch].float().to(self.device), self.views).cpu()
                  for i in range(0, len(x), batch)]
         return torch.cat(parts).numpy()
 
