@@ -216,7 +216,7 @@ def time_dials_split(expt_path, nproc: int) -> dict | None:
 # --- (c) diffnet.predict -------------------------------------------------------------------------
 
 
-def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu", repeats: int = 3) -> dict:
+def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu", repeats: int = 3, views: int = 2) -> dict:
     """End to end as a subprocess, then in-process with start-up (imports, model, grid map) excluded.
 
     Each is run `repeats` times and the median kept: single runs of a few seconds move by
@@ -232,12 +232,12 @@ def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu", re
     subprocess_runs = [
         run_command(
             [diffnet_script("predict"), expt_path, f"model.crystal={model}", f"nproc={nproc}",
-             f"batch_size={batch_size}", f"device={device}"],
+             f"batch_size={batch_size}", f"device={device}", f"views={views}"],
             cwd,
         )
         for _ in range(repeats)
     ]
-    task = CrystalTask(model, device)
+    task = CrystalTask(model, device, views)
     refs = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=False)))
     prewarm_grid_maps(refs, task.grid)
     in_process_runs = []
@@ -258,10 +258,10 @@ def time_diffnet(expt_path, model, nproc: int, batch_size: int, device="cpu", re
 # --- one image set -------------------------------------------------------------------------------
 
 
-def bench_set(name, expt_path, model, nproc, batch_size) -> dict:
+def bench_set(name, expt_path, model, nproc, batch_size, views=2) -> dict:
     files = image_files(expt_path)
     n_bytes = warm_page_cache(files)
-    result = {"set": name, "n_images": None, "n_files": len(files), "bytes": n_bytes, "nproc": nproc}
+    result = {"set": name, "n_images": None, "n_files": len(files), "bytes": n_bytes, "nproc": nproc, "views": views}
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     from dials_diffnet.images import iter_image_refs
@@ -289,7 +289,7 @@ def bench_set(name, expt_path, model, nproc, batch_size) -> dict:
         split = measure(f"(b') DIALS on {nproc} shares at once", lambda: time_dials_split(expt_path, nproc))
         if split:
             result["dials_split"] = split
-    result["diffnet"] = measure("(c) diffnet.predict", lambda: time_diffnet(expt_path, model, nproc, batch_size))
+    result["diffnet"] = measure("(c) diffnet.predict", lambda: time_diffnet(expt_path, model, nproc, batch_size, views=views))
     result["rates"] = rates(result)
     return result
 
@@ -426,6 +426,7 @@ def main():
     parser.add_argument("--model", type=pathlib.Path, help="crystal weights (default: shipped, else random)")
     parser.add_argument("--nproc", type=int, default=os.cpu_count(), help="DIALS nproc and diffnet readers")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--views", type=int, default=2, help="diffnet.predict views= (2: its default for task=crystal)")
     parser.add_argument("--cpu-model-sweep", action="store_true", help="also sweep model-only throughput on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in the GPU sweep")
     parser.add_argument("--json", type=pathlib.Path, help="write all numbers here")
@@ -442,6 +443,7 @@ def main():
         "model": str(model),
         "nproc": args.nproc,
         "batch_size": args.batch_size,
+        "views": args.views,
         "load_at_start": load_average(),
         "sets": [],
     }
@@ -457,14 +459,14 @@ def main():
         # zero-oscillation miniCBFs would import as one-image sequences: stills, as serial data is processed
         sim_expt = dials_import([p.resolve() for p in stills], workdir / f"sim_{args.sim_format}",
                                 "convert_sequences_to_stills=True")
-        result = bench_set(SIM_FORMATS[args.sim_format][1], sim_expt, model, args.nproc, args.batch_size)
+        result = bench_set(SIM_FORMATS[args.sim_format][1], sim_expt, model, args.nproc, args.batch_size, args.views)
         report["sets"].append(result)
         print_rates(result)
     if not args.no_realdata and REALDATA.is_dir():
         real = []
         for name, files in realdata_sets().items():
             expt = dials_import(files, workdir / "realdata" / name)
-            real.append(bench_set(f"realdata {name}", expt, model, args.nproc, args.batch_size))
+            real.append(bench_set(f"realdata {name}", expt, model, args.nproc, args.batch_size, args.views))
             print_rates(real[-1])
         report["sets"].extend(real)
         report["realdata_total"] = combine(real, "realdata, all sets together")

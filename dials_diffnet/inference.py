@@ -27,8 +27,8 @@ import torch
 from dials.util import Sorry, progress
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from dials_diffnet.models.views import VIEW_COUNTS, ViewAveraged
 from dials_diffnet.images import beam_geometry, detector_geometry, iter_image_refs, read_image
+from dials_diffnet.models.views import VIEW_COUNTS, ViewAveraged
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
 from dials_diffnet.util import one_line
@@ -128,9 +128,10 @@ def resolve_views(views, task_name: str) -> int:
 
 def make_task(name: str, params, device: str) -> Task:
     """The task named by the `task` parameter, with its models from `params.model`."""
+    if name not in DEFAULT_VIEWS:
+        raise Sorry(f"unknown task={name}")
     torch_device = resolve_device(device)
-    if name in DEFAULT_VIEWS:
-        views = resolve_views(params.views, name)
+    views = resolve_views(params.views, name)
     if name == "crystal":
         from dials_diffnet.weights import shipped_path
 
@@ -145,7 +146,6 @@ def make_task(name: str, params, device: str) -> Task:
             reference=params.spi.reference, device=torch_device,
             multi_path=params.model.spi_multi, twin_path=params.model.spi_twin, views=views,
         )
-    raise Sorry(f"unknown task={name}")
 
 
 # --- per-image checks --------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
-# FINAL_EPOCHS (default 8: the last stage, with the radius plane, on seeds 1 and 2; 0: skip it).
+# FINAL_EPOCHS (default 8: stage 2, with the radius plane, on seeds 1 and 2; 0: skip it),
+# STAGE3_EPOCHS (default 4: stage 3, on seeds 1, 2 and 3; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -40,17 +41,28 @@ if [ "${FINAL_EPOCHS:-8}" -gt 0 ]; then
     model.init=crystal_stage1.safetensors epochs=${FINAL_EPOCHS:-8} batch_size=32 lr=1e-3 seed=0 threads=2 \
     checkpoint.directory=checkpoints_stage2 output.weights=crystal.safetensors
 fi
+# Stage 3 (0.5.0): the stage-2 model, 4 more epochs (lr 5e-4, fresh schedule) on seeds 1, 2 and 3.
+if [ "${STAGE3_EPOCHS:-4}" -gt 0 ]; then
+  mv crystal.safetensors crystal_stage2.safetensors && mv crystal.json crystal_stage2.json
+  diffnet.train train_s1 train_s2 train_s3 model.depth=18 model.width=16 model.radius_channel=True \
+    model.init=crystal_stage2.safetensors epochs=${STAGE3_EPOCHS:-4} batch_size=32 lr=5e-4 seed=0 threads=2 \
+    checkpoint.directory=checkpoints_stage3 output.weights=crystal.safetensors
+fi
 
+# Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for test in test_s101 test_s102_eiger4m; do
-  diffnet.evaluate $test model.crystal=crystal.safetensors output.json=evaluate_$test.json output.log=evaluate_$test.log
-  python - "$test" <<'PY'
+  for views in 1 2 8; do
+    diffnet.evaluate $test model.crystal=crystal.safetensors views=$views output.json=evaluate_${test}_views$views.json \
+      output.log=evaluate_${test}_views$views.log
+    python - "$test" "$views" <<'PY'
 import json, sys
 from dials_diffnet.weights import attach_evaluation
-test = sys.argv[1]
-metrics = json.load(open(f"evaluate_{test}.json"))
-command = f"diffnet.evaluate {test} model.crystal=crystal.safetensors  (data: scripts/train_crystal.sh)"
-attach_evaluation("crystal.safetensors", test, command, metrics)
+test, views = sys.argv[1:]
+metrics = json.load(open(f"evaluate_{test}_views{views}.json"))
+command = f"diffnet.evaluate {test} model.crystal=crystal.safetensors views={views}  (data: scripts/train_crystal.sh)"
+attach_evaluation("crystal.safetensors", f"{test} views={views}", command, metrics)
 PY
+  done
 done
 cp crystal.safetensors crystal.json "$repo/dials_diffnet/weights/"
 echo "Installed $out/crystal.safetensors into dials_diffnet/weights/"
