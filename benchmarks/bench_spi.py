@@ -85,9 +85,9 @@ def main():
     rates = result["images_per_s"]
     rates["bare CXI read (h5py, one process)"] = time_read(run)
     for name, extra in (("diffnet.predict task=spi (8 views, default)", ()),
-                        ("  + spi.reference", (f"spi.reference={support}",)),
+                        ("  + spi.reference (8 views)", (f"spi.reference={support}",)),
                         ("diffnet.predict task=spi views=1", ("views=1",)),
-                        ("  + spi.reference", (f"spi.reference={support}", "views=1"))):
+                        ("  + spi.reference views=1", (f"spi.reference={support}", "views=1"))):
         seconds = time_subprocess(run, workdir, *extra)
         rates[f"{name}, subprocess (median of 3)"] = args.n_shots / statistics.median(seconds)
     for views in (8, 1):

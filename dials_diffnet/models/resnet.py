@@ -109,7 +109,7 @@ class CrystalNet(nn.Module):
     `radius_channel` appends |q| as an input plane: convolutions and average
     pooling do not know where a feature sits, and resolution is where on the
     radius spots fade. A control run found no gain from it at width 16
-    (docs/training.md); the shipped 0.4.0 model has it.
+    (docs/training.md); the shipped models since 0.4.0 have it.
     """
 
     OUTPUTS = ("s_min", "multi_logit", "hit_logit")
