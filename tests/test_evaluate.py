@@ -12,6 +12,7 @@ import torch
 from dials_diffnet import evaluate
 from dials_diffnet.datasets import LABELS, ShardDataset, write_index, write_shard
 from dials_diffnet.models.resnet import CrystalNet
+from dials_diffnet.models.views import ViewAveraged
 from dials_diffnet.weights import save_model
 
 
@@ -127,13 +128,16 @@ def test_evaluate_command_writes_json_matching_the_library(tmp_path, monkeypatch
     from diffnet.evaluate import run
 
     monkeypatch.chdir(tmp_path)
-    run([str(tmp_path), f"model.crystal={tmp_path / 'm.safetensors'}", "batch_size=10"])
-    written = json.loads((tmp_path / "diffnet.evaluate.json").read_text())
-    expected, predictions = evaluate.evaluate_crystal(model, ShardDataset(tmp_path), torch.device("cpu"))
-    assert written["n_images"] == 24 and written["model"]["architecture"]["width"] == 4
-    assert written["hit"]["roc_auc"] == pytest.approx(expected["hit"]["roc_auc"])
-    assert written["resolution"]["mae_d"] == pytest.approx(expected["resolution"]["mae_d"])
-    assert written["multi_lattice"]["confusion"] == expected["multi_lattice"]["confusion"]
+    # views=Auto is diffnet.predict's default for the crystal model (2 views); views=1 is the network alone
+    for views, args in ((2, []), (1, ["views=1", "output.json=one_view.json"])):
+        run([str(tmp_path), f"model.crystal={tmp_path / 'm.safetensors'}", "batch_size=10", *args])
+        written = json.loads((tmp_path / ("one_view.json" if args else "diffnet.evaluate.json")).read_text())
+        expected, _ = evaluate.evaluate_crystal(ViewAveraged(model, views), ShardDataset(tmp_path), torch.device("cpu"))
+        assert written["n_images"] == 24 and written["model"]["architecture"]["width"] == 4
+        assert written["model"]["views"] == views
+        assert written["hit"]["roc_auc"] == pytest.approx(expected["hit"]["roc_auc"])
+        assert written["resolution"]["mae_d"] == pytest.approx(expected["resolution"]["mae_d"])
+        assert written["multi_lattice"]["confusion"] == expected["multi_lattice"]["confusion"]
     assert not list(tmp_path.glob("diffnet.evaluate.json.*"))  # no temporary left behind
     assert set(LABELS) <= set(ShardDataset(tmp_path).labels)
 
