@@ -28,7 +28,7 @@ from dials.util import Sorry, progress
 from dxtbx.model.experiment_list import ExperimentListFactory
 
 from dials_diffnet.images import beam_geometry, detector_geometry, iter_image_refs, read_image
-from dials_diffnet.models.views import VIEW_COUNTS, ViewAveraged
+from dials_diffnet.models.views import ViewAveraged, check_view_count
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
 from dials_diffnet.util import one_line
@@ -121,9 +121,10 @@ DEFAULT_VIEWS = {"crystal": 2, "spi": 8}
 def resolve_views(views, task_name: str) -> int:
     if views in (None, libtbx.Auto):
         return DEFAULT_VIEWS[task_name]
-    if views not in VIEW_COUNTS:
-        raise Sorry(f"views must be one of {', '.join(map(str, VIEW_COUNTS))} (or Auto), not {views}")
-    return views
+    try:
+        return check_view_count(views)
+    except ValueError as e:
+        raise Sorry(f"{e} (or Auto: the task's default)") from None
 
 
 def make_task(name: str, params, device: str) -> Task:

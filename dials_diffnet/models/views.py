@@ -17,6 +17,13 @@ SQUARE_VIEWS = ((0, False), (2, False), (1, False), (3, False), (0, True), (2, T
 VIEW_COUNTS = (1, 2, 4, 8)
 
 
+def check_view_count(n_views) -> int:
+    """n_views if it is one of VIEW_COUNTS, else ValueError."""
+    if n_views not in VIEW_COUNTS:
+        raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {n_views}")
+    return n_views
+
+
 def square_view(x: torch.Tensor, quarter_turns: int, mirror: bool) -> torch.Tensor:
     """x (N, C, S, S) turned by quarter_turns x 90 degrees about the grid centre, then mirrored."""
     x = torch.rot90(x, quarter_turns, dims=(2, 3))
@@ -30,9 +37,7 @@ class ViewAveraged(nn.Module):
 
     def __init__(self, model: nn.Module, n_views: int):
         super().__init__()
-        if n_views not in VIEW_COUNTS:
-            raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))}, not {n_views}")
-        self.model, self.n_views = model, n_views
+        self.model, self.n_views = model, check_view_count(n_views)
 
     def forward(self, x):
         if self.n_views == 1:
