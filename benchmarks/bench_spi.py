@@ -4,7 +4,7 @@ Simulated noisy pnCCD shots (seen particle types, 1-4 particles, test geometries
 seeds of the "check" range) are written as one CXI file; a labelled support set
 of a held-back type (ferritin, 5 patterns per count) as another. Timed:
   - `diffnet.predict task=spi run.cxi` as a subprocess (start-up included), median of 3;
-  - with the models averaged over the 8 grid symmetries (`views=Auto`, the default) and
+  - with the models averaged over the grid's default views (`views=Auto`: 4) and
     over one (`views=1`), each with and without `spi.reference=support.cxi` (few-shot labels
     from the twin network);
   - in-process `inference.predict_cxi` with the models loaded (start-up excluded).
@@ -58,11 +58,11 @@ def time_subprocess(run, workdir, *args, repeats=3) -> list[float]:
             for k in range(repeats)]
 
 
-def time_in_process(run, reference=None, views=8) -> float:
-    from dials_diffnet.inference import predict_cxi
+def time_in_process(run, reference=None, views=None) -> float:
+    from dials_diffnet.inference import DEFAULT_VIEWS, predict_cxi
     from dials_diffnet.spi.task import SpiTask
 
-    task = SpiTask(reference=reference, views=views)
+    task = SpiTask(reference=reference, views=views or DEFAULT_VIEWS["spi"])
     start = time.perf_counter()
     records = predict_cxi(task, run, batch_size=16)
     return len(records) / (time.perf_counter() - start)
@@ -84,13 +84,16 @@ def main():
               "n_shots": args.n_shots, "load_at_start": load_average(), "images_per_s": {}}
     rates = result["images_per_s"]
     rates["bare CXI read (h5py, one process)"] = time_read(run)
-    for name, extra in (("diffnet.predict task=spi (8 views, default)", ()),
-                        ("  + spi.reference (8 views)", (f"spi.reference={support}",)),
+    from dials_diffnet.inference import DEFAULT_VIEWS
+
+    n = DEFAULT_VIEWS["spi"]
+    for name, extra in ((f"diffnet.predict task=spi ({n} views, default)", ()),
+                        (f"  + spi.reference ({n} views)", (f"spi.reference={support}",)),
                         ("diffnet.predict task=spi views=1", ("views=1",)),
                         ("  + spi.reference views=1", (f"spi.reference={support}", "views=1"))):
         seconds = time_subprocess(run, workdir, *extra)
         rates[f"{name}, subprocess (median of 3)"] = args.n_shots / statistics.median(seconds)
-    for views in (8, 1):
+    for views in (n, 1):
         rates[f"in-process, count + type, {views} view(s)"] = time_in_process(run, views=views)
         rates[f"in-process, + few-shot, {views} view(s)"] = time_in_process(run, support, views=views)
     result["load_at_end"] = load_average()

@@ -126,6 +126,30 @@ def test_shipped_multi_model_counts_fresh_shots(task):
     assert task.name == "spi" and task.grid == SPI_GRID and set(task.models) == {"spi_multi", "spi_twin"}
 
 
+def test_task_feeds_each_network_its_own_grid_and_refuses_one_that_does_not_nest(tmp_path):
+    import json
+    import shutil
+
+    from dials.util import Sorry
+
+    from dials_diffnet.models.grids import Coarsened
+    from dials_diffnet.spi.task import SpiTask
+    from dials_diffnet.weights import card_path, shipped_path
+
+    task = SpiTask(views=1)
+    sizes = {name: json.loads(card_path(shipped_path(name)).read_text())["grid"]["size"] for name in task.models}
+    assert {name: m["grid_size"] for name, m in task.models.items()} == sizes
+    assert max(sizes.values()) == SPI_GRID.size  # the task reads images on the finest grid a network needs
+    for net, name in ((task.multi.model, "spi_multi"), (task.twin, "spi_twin")):
+        assert isinstance(net, Coarsened) == (sizes[name] < SPI_GRID.size)
+    for name in ("spi_twin.safetensors", "spi_twin.json"):
+        shutil.copy(card_path(shipped_path("spi_twin")).parent / name, tmp_path / name)
+    card = json.loads((tmp_path / "spi_twin.json").read_text())
+    (tmp_path / "spi_twin.json").write_text(json.dumps(dict(card, grid={"size": 96, "s_max": 0.012})))
+    with pytest.raises(Sorry, match="does not nest"):
+        SpiTask(twin_path=tmp_path / "spi_twin.safetensors")
+
+
 def test_shipped_twin_fewshot_on_unseen_type_with_cxi_reference(tmp_path):
     from dials_diffnet.spi.cxi import write_cxi
     from dials_diffnet.spi.task import SpiTask
@@ -247,20 +271,20 @@ def test_multi_loss_learns_the_count_of_patterns_without_a_particle_type():
 def test_procedural_sets_extend_without_reseeding_and_reuse_a_larger_cache(tmp_path, monkeypatch):
     """The first k procedural shapes get the same seeds whatever the number asked for, so a cache of
     more shapes serves a smaller request (sliced, not re-simulated or overwritten)."""
-    from dials_diffnet.spi import dataset
+    from dials_diffnet.spi import dataset, spi_grid
 
     small, large = (dataset.standard_sets(scale=0.2, random_shapes=n)["random"] for n in (2, 3))
     assert large[: len(small)] == small and len({s.particle for s in large}) == 3
     assert min(s.seed for s in large) >= SEED_BASES["random"] and len({s.seed for s in large}) == len(large)
-    cache = tmp_path / "random.npz"
-    full = dataset.build(large, cache)
-    assert sorted(set(full["particle"])) == ["random-0", "random-1", "random-2"]
+    cache, grid = tmp_path / "random.npz", spi_grid(64)  # a coarse grid: coarse pixel bins, a quick simulation
+    full = dataset.build(large, cache, grid=grid)
+    assert sorted(set(full["particle"])) == ["random-0", "random-1", "random-2"] and full["x"].shape[-1] == 64
 
-    def no_simulation(spec):
+    def no_simulation(spec, grid):
         raise AssertionError("re-simulated a cached pattern")
 
     monkeypatch.setattr(dataset, "_tensor", no_simulation)
-    part = dataset.build(small, cache)
+    part = dataset.build(small, cache, grid=grid)
     assert np.array_equal(part["x"], full["x"][: len(small)]) and list(part["seed"]) == [s.seed for s in small]
     assert len(np.load(cache)["seed"]) == len(large)
 

@@ -14,9 +14,12 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
+from dials_diffnet.representation import GridSpec
+from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
 
 logger = logging.getLogger("dials.diffnet.spi.dataset")
@@ -49,9 +52,9 @@ def balanced_specs(split: str, particles, per_class: int, noises=("clean", "nois
     return specs
 
 
-def _tensor(spec: ShotSpec) -> np.ndarray:
-    shot = simulate(shot_params(spec.seed, spec.particle, spec.count, spec.noise, spec.pool))
-    return represent_shot(shot).astype(np.float16)
+def _tensor(spec: ShotSpec, grid: GridSpec) -> np.ndarray:
+    shot = simulate(shot_params(spec.seed, spec.particle, spec.count, spec.noise, spec.pool), grid=grid)
+    return represent_shot(shot, grid).astype(np.float16)
 
 
 def _init_worker():
@@ -60,22 +63,24 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
-def build(specs, cache: pathlib.Path | None = None, workers: int = 1) -> dict:
-    """{'x': (N, 2, S, S) float16, 'count', 'particle', 'noise', 'seed'} for the specs, cached at `cache`
-    (a cache holding more patterns after these is sliced, not overwritten)."""
+def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: GridSpec = SPI_GRID) -> dict:
+    """{'x': (N, 2, S, S) float16 on `grid`, 'count', 'particle', 'noise', 'seed'} for the specs, cached at
+    `cache` (a cache holding more patterns after these is sliced, not overwritten)."""
     if cache is not None and pathlib.Path(cache).is_file():
         data = dict(np.load(cache, allow_pickle=False))
         # a cached set that starts with these specs (e.g. more procedural shapes) serves too
-        if len(data["seed"]) >= len(specs) and np.array_equal(data["seed"][: len(specs)], [s.seed for s in specs]):
+        if (len(data["seed"]) >= len(specs) and np.array_equal(data["seed"][: len(specs)], [s.seed for s in specs])
+                and data["x"].shape[-1] == grid.size):
             return {k: v[: len(specs)] for k, v in data.items()}
     start = time.time()
     for name in sorted({s.particle for s in specs}):
         particle_transform(name)  # built once here, shared by the forked workers
+    tensor = partial(_tensor, grid=grid)
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            xs = pool.map(_tensor, specs, chunksize=16)
+            xs = pool.map(tensor, specs, chunksize=16)
     else:
-        xs = [_tensor(s) for s in specs]
+        xs = [tensor(s) for s in specs]
     logger.info("simulated and represented %d shots in %.0f s (%d workers)", len(specs), time.time() - start, workers)
     data = {
         "x": np.stack(xs),

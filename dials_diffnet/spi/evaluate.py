@@ -32,7 +32,9 @@ import time
 import numpy as np
 import torch
 
+from dials_diffnet.inference import DEFAULT_VIEWS
 from dials_diffnet.models.views import ViewAveraged
+from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi.fewshot import FewShotClassifier
 from dials_diffnet.spi.particles import UNSEEN_TYPES, bead_model
 from dials_diffnet.spi.simulate import shot_params
@@ -177,11 +179,9 @@ def sweep(twin, train: dict, unseen: dict, epochs: int, sizes=SWEEP_SIZES, margi
             "epochs": epochs, "rows": results}
 
 
-def inference_rate(model, batch: int = 64, repeats: int = 3) -> float:
-    """Images per second through the model alone (batch `batch`, current torch threads)."""
-    from dials_diffnet.spi import SPI_GRID
-
-    x = torch.randn(batch, 2, SPI_GRID.size, SPI_GRID.size)
+def inference_rate(model, grid_size: int, batch: int = 64, repeats: int = 3) -> float:
+    """Images per second through the model alone on its grid (batch `batch`, current torch threads)."""
+    x = torch.randn(batch, 2, grid_size, grid_size)
     with torch.no_grad():
         model(x)
         start = time.perf_counter()
@@ -205,7 +205,8 @@ def representation_rate(n: int = 20) -> float:
 def print_tables(results: dict):
     print("\nMulti-output CNN (held-out seeds and detector geometries, seen particle types)")
     print(f"{'test set':<14} {'n':>5} {'test acc':>9} {'count acc':>10} {'particle acc':>13} {'single/multi':>13}")
-    for key, how in (("multi", ""), ("multi_8_views", ", 8 views")):
+    views = results["protocol"]["default_views"]
+    for key, how in (("multi", ""), ("multi_default_views", f", {views} views")):
         for noise, m in results[key].items():
             print(f"{noise + how:<14} {m['n']:>5} {100 * m['test_accuracy']:>9.1f} {100 * m['count_accuracy']:>10.1f} "
                   f"{100 * m['particle_accuracy']:>13.1f} {100 * m['single_vs_multi_accuracy']:>13.1f}")
@@ -213,7 +214,7 @@ def print_tables(results: dict):
     for noise, m in results["multi"].items():
         print(f"{noise:<8} " + "  ".join(f"{k}: {100 * v['count_accuracy']:.1f} (n={v['n']})"
                                         for k, v in m["count_accuracy_by_projected_separation"].items() if v["n"]))
-    for key, how in (("twin_unseen", ""), ("twin_unseen_symmetrised", ", embeddings averaged over the 8 symmetries")):
+    for key, how in (("twin_unseen", ""), ("twin_unseen_default_views", f", embeddings averaged over {views} views")):
         print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws{how}")
         print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
         for noise, m in results[key].items():
@@ -256,28 +257,36 @@ def main(argv=None):
 
     multi, multi_card = load_model(weights / "spi_multi.safetensors")
     twin, twin_card = load_model(weights / "spi_twin.safetensors")
+
+    def sets_on(card, names, random_shapes=0):
+        """The sets in `names`, on the grid the model of `card` reads (validation sets with --validation)."""
+        kwargs = dict(workers=args.workers, grid=GridSpec(**card["grid"]), names=names)
+        sets = load_sets(pathlib.Path(args.cache), random_shapes=random_shapes, **kwargs)
+        return {**sets, **load_sets(pathlib.Path(args.cache), validation=True, **kwargs)} if args.validation else sets
+
+    test = sets_on(multi_card, ("test",))["test"]
+    views = DEFAULT_VIEWS["spi"]
     # the sweep's heads train on what the twin trained on
     twin_random_shapes = twin_card["training"].get("random_shapes", 0) if args.sweep else 0
-    sets = load_sets(pathlib.Path(args.cache), workers=args.workers, random_shapes=twin_random_shapes)
-    if args.validation:
-        sets.update(load_sets(pathlib.Path(args.cache), workers=args.workers, validation=True))
-    test = sets["test"]
+    sets = sets_on(twin_card, ("test", "unseen") + (("train", "random") if args.sweep else ()), twin_random_shapes)
     results = {
         "multi": {noise: multi_metrics(multi, multi_card, test, np.flatnonzero(test["noise"] == noise))
                   for noise in ("clean", "noisy")},
         # what diffnet.predict task=spi reports by default (views=Auto)
-        "multi_8_views": {noise: multi_metrics(ViewAveraged(multi, 8), multi_card, test,
-                                               np.flatnonzero(test["noise"] == noise)) for noise in ("clean", "noisy")},
+        "multi_default_views": {noise: multi_metrics(ViewAveraged(multi, views), multi_card, test,
+                                                     np.flatnonzero(test["noise"] == noise))
+                                for noise in ("clean", "noisy")},
         "twin_unseen": twin_metrics(twin, sets["unseen"]),
-        "twin_unseen_symmetrised": twin_metrics(twin, sets["unseen"], views=8),
-        "twin_seen_test": twin_metrics(twin, test),
+        "twin_unseen_default_views": twin_metrics(twin, sets["unseen"], views=views),
+        "twin_seen_test": twin_metrics(twin, sets["test"]),
         "unseen_types": UNSEEN_TYPES,
-        "protocol": {"n_support_per_class": N_SUPPORT, "trials": TRIALS,
+        "protocol": {"n_support_per_class": N_SUPPORT, "trials": TRIALS, "default_views": views,
                      "noisy": multi_card["training"]["data"]["noisy"]},
     }
     if args.sweep:
         results["sweep"] = sweep(twin, training_data(sets, twin_random_shapes), sets["unseen"], args.sweep_epochs)
-    multi_rate, twin_rate, rep_rate = inference_rate(multi), inference_rate(twin), representation_rate()
+    multi_rate = inference_rate(multi, multi_card["grid"]["size"])
+    twin_rate, rep_rate = inference_rate(twin, twin_card["grid"]["size"]), representation_rate()
     results["rates"] = {
         "threads": torch.get_num_threads(),
         "multi_model_images_per_s": multi_rate,
@@ -292,10 +301,12 @@ def main(argv=None):
         for name, model, card in (("spi_multi", multi, multi_card), ("spi_twin", twin, twin_card)):
             keep = {k: v for k, v in card.items() if k not in ("sha256", "bytes")}
             keep["evaluation"] = {
-                "spi_multi": {"multi": results["multi"], "multi_8_views": results["multi_8_views"],
+                "spi_multi": {"multi": results["multi"], "multi_default_views": results["multi_default_views"],
+                              "protocol": results["protocol"],
                               "rates": results["rates"]},
                 "spi_twin": {"twin_unseen": results["twin_unseen"],
-                             "twin_unseen_symmetrised": results["twin_unseen_symmetrised"],
+                             "twin_unseen_default_views": results["twin_unseen_default_views"],
+                             "protocol": results["protocol"],
                              # a run without --sweep keeps the sweep the card already quotes
                              "sweep": results.get("sweep", card.get("evaluation", {}).get("sweep")),
                              "rates": results["rates"]},

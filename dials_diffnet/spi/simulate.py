@@ -12,7 +12,8 @@ grid (step 1/(3 x diameter): three-fold oversampled, so linear interpolation is
 accurate to a few per cent) and then sampled at every shot's rotated q by trilinear
 interpolation (torch `grid_sample`, so it runs on a GPU when one is given). The q
 vectors are the exact 3-D q of detector pixel bins (b x b pixels, b chosen so a bin is
-at most half an SPI_GRID cell): Ewald-sphere curvature is included. Bin intensities
+at most half a cell of the grid the shots are for, SPI_GRID unless told: one pixel on
+the 256-cell grid, 2-4 on the 128-cell one): Ewald-sphere curvature is included. Bin intensities
 are expanded back to every pixel before photon noise, so the stored image is a full
 detector image.
 
@@ -43,7 +44,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from dials_diffnet.representation import BeamGeometry, PanelGeometry, cached_grid_map, pixel_q, represent
+from dials_diffnet.representation import BeamGeometry, GridSpec, PanelGeometry, cached_grid_map, pixel_q, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.particles import PARTICLE_TYPES, Beads, bead_model, is_particle
 
@@ -262,10 +263,11 @@ class DetectorBins:
 
 
 @lru_cache(maxsize=32)
-def detector_bins(energy_kev: float, distance_mm: float) -> DetectorBins:
+def detector_bins(energy_kev: float, distance_mm: float, grid: GridSpec = SPI_GRID) -> DetectorBins:
+    """Bins of at most half a cell of `grid`: finer detail than the network input holds is not worth the time."""
     panel, beam = pnccd_panel(distance_mm), pnccd_beam(energy_kev)
     pixel_step = PIXEL_MM / (distance_mm * beam.wavelength)  # |q| per pixel near the beam
-    b = max(1, int(SPI_GRID.cell / 2 / pixel_step))
+    b = max(1, int(grid.cell / 2 / pixel_step))
     n_fast, n_slow = panel.image_size
     binned = PanelGeometry(
         panel.origin, panel.fast, panel.slow, (PIXEL_MM * b, PIXEL_MM * b), (-(-n_fast // b), -(-n_slow // b))
@@ -278,9 +280,9 @@ def detector_bins(energy_kev: float, distance_mm: float) -> DetectorBins:
     return DetectorBins(b, q, solid_angle * polarisation)
 
 
-def expected_photons(params: ShotParams, device="cpu") -> np.ndarray:
+def expected_photons(params: ShotParams, device="cpu", grid: GridSpec = SPI_GRID) -> np.ndarray:
     """Noise-free photons per pixel on the assembled frame (gap and hole included, masked later)."""
-    bins = detector_bins(params.energy_kev, params.distance_mm)
+    bins = detector_bins(params.energy_kev, params.distance_mm, grid)
     transform = particle_transform(params.particle, device)
     intensity = scattered_intensity(transform, bins.q.reshape(-1, 3), params.rotations, params.offsets)
     photons = intensity.reshape(bins.q.shape[:2]) * bins.scale
@@ -298,8 +300,9 @@ class SpiShot:
     params: ShotParams
 
 
-def simulate(params: ShotParams, device="cpu") -> SpiShot:
-    image = expected_photons(params, device)
+def simulate(params: ShotParams, device="cpu", grid: GridSpec = SPI_GRID) -> SpiShot:
+    """The shot of `params`, its pixels binned finely enough for `grid` (see detector_bins)."""
+    image = expected_photons(params, device, grid)
     if params.noise == "noisy":
         # noise from the shot's own stream, after the parameters it drew, so images repeat exactly
         rng = np.random.default_rng([params.seed, 1])
@@ -311,7 +314,7 @@ def simulate(params: ShotParams, device="cpu") -> SpiShot:
     return SpiShot(image, valid, pnccd_panel(params.distance_mm), pnccd_beam(params.energy_kev), params)
 
 
-def represent_shot(shot: SpiShot) -> np.ndarray:
+def represent_shot(shot: SpiShot, grid: GridSpec = SPI_GRID) -> np.ndarray:
     """The network input of a simulated shot, through the one representation function."""
-    grid_map = cached_grid_map((shot.panel,), shot.beam, SPI_GRID)
+    grid_map = cached_grid_map((shot.panel,), shot.beam, grid)
     return represent([shot.image], [shot.valid], grid_map)

@@ -2,7 +2,11 @@
 
     task = SpiTask()                                  # shipped spi_multi + spi_twin
     task = SpiTask(reference="support.cxi")           # + few-shot labels from a labelled support set
-    records = task.predict_batch(x)                   # x: (B, 2, S, S) from represent(..., SPI_GRID)
+    records = task.predict_batch(x)                   # x: (B, 2, S, S) from represent(..., task.grid)
+
+task.grid is the finest grid either network reads (SPI_GRID); a network trained on a
+coarser grid gets the exactly coarsened input (models/grids.py), so each image is
+read once.
 
 A support set is a CXI file with a /entry_1/spi_labels group (its `label` dataset,
 or else the particle count as "single"/"double"/"triple"/"quadruple"), or a
@@ -22,8 +26,9 @@ import torch
 from dials.util import Sorry
 
 from dials_diffnet.images import RawImage, iter_image_refs, read_image
+from dials_diffnet.models.grids import Coarsened, coarsening_factor
 from dials_diffnet.models.views import ViewAveraged
-from dials_diffnet.representation import cached_grid_map, represent
+from dials_diffnet.representation import GridSpec, cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels
 from dials_diffnet.spi.fewshot import FewShotClassifier
@@ -88,6 +93,15 @@ def load_reference(path) -> tuple[np.ndarray, list[str]]:
     return np.stack(xs), labels
 
 
+def _on_task_grid(model, card: dict, weights_path):
+    """`model` taking represent()'s output on SPI_GRID, whatever grid of the same reach it was trained on."""
+    try:
+        factor = coarsening_factor(SPI_GRID, GridSpec(**card["grid"]))
+    except ValueError as e:
+        raise Sorry(f"{weights_path}: {e}") from None
+    return Coarsened(model, factor) if factor > 1 else model
+
+
 class SpiTask:
     name = "spi"
     grid = SPI_GRID
@@ -97,13 +111,15 @@ class SpiTask:
         self.device = torch.device(device)
         from dials_diffnet.inference import load_task_model
 
-        multi_file = multi_path or shipped_path("spi_multi")
-        multi, multi_summary = load_task_model(multi_file, self.device)
-        self.multi = ViewAveraged(multi, views)
-        self.twin, twin_summary = load_task_model(twin_path or shipped_path("spi_twin"), self.device)
-        self.views = views
-        self.models = {"spi_multi": dict(multi_summary, views=views), "spi_twin": dict(twin_summary, views=views)}
-        self.particle_types = list(json.loads(card_path(multi_file).read_text())["particle_types"])
+        self.views, self.models, cards, nets = views, {}, {}, {}
+        for name, path in (("spi_multi", multi_path), ("spi_twin", twin_path)):
+            path = path or shipped_path(name)
+            net, summary = load_task_model(path, self.device)
+            cards[name] = json.loads(card_path(path).read_text())
+            nets[name] = _on_task_grid(net, cards[name], path)
+            self.models[name] = dict(summary, views=views, grid_size=cards[name]["grid"]["size"])
+        self.multi, self.twin = ViewAveraged(nets["spi_multi"], views), nets["spi_twin"]
+        self.particle_types = list(cards["spi_multi"]["particle_types"])
         self.reflection_columns = ["spi_count", "spi_p_single", "spi_type_prob"]
         self.fewshot = None
         if reference is not None:

@@ -3,8 +3,9 @@
     python -m dials_diffnet.spi.train [--out dials_diffnet/weights] [--cache /tmp/spi/data] [--scale 1.0]
 
 1. Data: simulated pnCCD shots of the eight "seen" particle types, 1-4 particles,
-   half noise-free and half noisy, each passed through `represent` on SPI_GRID
-   (dataset.standard_sets; cached). Seeds are disjoint from every test seed.
+   half noise-free and half noisy, each passed through `represent` on the model's
+   grid (config grid_size: 256 cells for the multi-output CNN, 128 for the twin;
+   dataset.standard_sets; cached per grid). Seeds are disjoint from every test seed.
 2. Multi-output CNN (SpiMultiNet): cross-entropy on the count head + cross-entropy
    on the type head, random 90-degree rotations and flips of the grid (a rotation
    about the beam; the gap then lies elsewhere, so the net does not lean on one
@@ -33,7 +34,7 @@ import torch
 from dials_diffnet.datasets import square_symmetry
 from dials_diffnet.evaluate import resolve_device
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
-from dials_diffnet.spi import SPI_GRID
+from dials_diffnet.spi import SPI_GRID, spi_grid
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
@@ -46,20 +47,25 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # Small nets on few patterns: a long warm-up and no gradient clipping (as the one-cycle schedule
 # these models were first trained with), not the crystallography defaults of train.fit.
 # random_shapes: procedural particles (particles.random_shape) joining the seen types in training.
+# grid_size: the model's input grid (spi_grid). The count gains 3-6 points on 256 cells (docs/spi.md); the twin
+# has not been retrained there yet (its data would cost ~45 min more to simulate on 2 cores).
 MULTI = dict(width=16, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
-             random_shapes=0, seed=0)
+             random_shapes=0, seed=0, grid_size=256)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
-            lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0)
+            lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=128)
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
-              random_shapes: int = 0) -> dict:
-    """The standard sets (train, test, unseen; random with `random_shapes`), or with `validation` the
-    validation sets (under the names test and unseen, so evaluation code takes either)."""
+              random_shapes: int = 0, grid=SPI_GRID, names=None) -> dict:
+    """The standard sets (train, test, unseen; random with `random_shapes`; those in `names` if given) on
+    `grid`, or with `validation` the validation sets (under the names test and unseen, so evaluation code
+    takes either)."""
     sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes)
+    sets = {name: specs for name, specs in sets.items() if names is None or name in names}
     prefix = "validation_" if validation else ""
     return {
-        name: build(specs, cache / f"{prefix}{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz", workers)
+        name: build(specs, cache / f"grid{grid.size}" / f"{prefix}{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz",
+                    workers, grid)
         for name, specs in sets.items()
     }
 
@@ -220,10 +226,10 @@ def simulator_card(sets: dict, random_shapes: int) -> dict:
 
 LIMITATIONS = (
     "Trained only on simulated patterns (coarse-grained bead models, pnCCD-like detector, distance x wavelength "
-    "2000-3200 mm*A) on one CPU thread; not validated on real SPI data. 4-class count accuracy is ~85-86 % "
-    "(multi-output CNN), far below the 99 % target: 3 vs 4 particles is the main confusion, worst for elongated "
-    "particles and for particles that overlap in projection. Single-vs-multi is ~99 % on seen types; the twin "
-    "network's few-shot single-vs-multi on unseen types is in its evaluation block."
+    "2000-3200 mm*A) on a CPU; not validated on real SPI data. 4-class count accuracy (multi-output CNN) is "
+    "far below the 99 % target (figures in the evaluation block): 3 vs 4 particles is the main confusion, worst "
+    "for particles that overlap in projection. Single-vs-multi is 98-99 % on seen types; the twin network's "
+    "few-shot single-vs-multi on unseen types is in its evaluation block."
 )
 
 
@@ -233,8 +239,8 @@ def card(name: str, model, config: dict, sets: dict, seconds: dict, extra: dict)
         "name": name,
         "task": "spi",
         "architecture": arch,
-        "grid": {"size": SPI_GRID.size, "s_max": SPI_GRID.s_max},
-        "input": "representation.represent on SPI_GRID (channel 0 log1p counts minus median, channel 1 valid)",
+        "grid": {"size": config["grid_size"], "s_max": SPI_GRID.s_max},
+        "input": "representation.represent on `grid` (channel 0 log1p counts minus median, channel 1 valid)",
         **{k: v for k, v in extra.items() if k != "architecture"},
         "training": {**config, **seconds, "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "data": simulator_card(sets, config["random_shapes"])},
@@ -257,27 +263,29 @@ def main(argv=None):
     parser.add_argument("--random-shapes", type=int,
                         help="override both models' number of procedural particles in the training data (0: none)")
     parser.add_argument("--seed", type=int, help="override both models' training seed")
+    parser.add_argument("--grid-size", type=int, help="override both models' input grid (cells per side)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = pathlib.Path(args.out)
 
-    start = time.time()
     multi_config, twin_config = dict(MULTI), dict(TWIN)
-    for key in ("epochs", "patterson", "width", "random_shapes", "seed"):
+    for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size"):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
-    trained = [c for name, c in (("multi", multi_config), ("twin", twin_config)) if args.only in (None, name)]
-    sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers,
-                     random_shapes=max(c["random_shapes"] for c in trained))
-    validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True)
-    data_seconds = time.time() - start
     device = resolve_device(args.device)
 
-    if args.only != "twin":
-        train_and_save_multi(sets, validation, multi_config, data_seconds, out, device)
-    if args.only != "multi":
-        train_and_save_twin(sets, validation, twin_config, out, device)
+    # each model is scored after every epoch on its validation set: seen types (multi), held-back types (twin)
+    for name, config, train_and_save, validation_set in (("multi", multi_config, train_and_save_multi, "test"),
+                                                         ("twin", twin_config, train_and_save_twin, "unseen")):
+        if args.only not in (None, name):
+            continue
+        start, grid = time.time(), spi_grid(config["grid_size"])
+        sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers, random_shapes=config["random_shapes"],
+                         grid=grid, names=("train", "random"))
+        validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True, grid=grid,
+                               names=(validation_set,))
+        train_and_save(sets, validation, config, time.time() - start, out, device)
 
 
 def random_patterns(sets: dict, random_shapes: int) -> dict:
@@ -310,12 +318,12 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
     logger.info("saved %s", out / "spi_multi.safetensors")
 
 
-def train_and_save_twin(sets, validation, twin_config, out, device="cpu"):
+def train_and_save_twin(sets, validation, twin_config, data_seconds, out, device="cpu"):
     t0, c0 = time.time(), time.process_time()
     data = training_data(sets, twin_config["random_shapes"])
     twin, history = train_twin(data, twin_config, twin_config["seed"], validation=validation["unseen"], device=device)
     twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
-                    "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
+                    "data_seconds": round(data_seconds), "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
     save_model(twin, card("spi_twin", twin, twin_config, sets, twin_seconds, {
         "architecture": {"embedding_size": twin_config["embedding_size"], "width": twin_config["width"],
                          "patterson": twin_config["patterson"]},
