@@ -48,7 +48,7 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # these models were first trained with), not the crystallography defaults of train.fit.
 # random_shapes: procedural particles (particles.random_shape) joining the seen types in training.
 # grid_size: the model's input grid (spi_grid). The count gains 3-6 points on 256 cells (docs/spi.md); the twin
-# has not been retrained there yet (its data would cost ~45 min more to simulate on 2 cores).
+# is not retrained there yet (its procedural-particle data would cost ~45 min more to simulate on 2 cores).
 MULTI = dict(width=16, patterson="flat", epochs=20, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
              random_shapes=0, seed=0, grid_size=256)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
