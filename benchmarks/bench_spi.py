@@ -58,11 +58,11 @@ def time_subprocess(run, workdir, *args, repeats=3) -> list[float]:
             for k in range(repeats)]
 
 
-def time_in_process(run, reference=None, views=None) -> float:
-    from dials_diffnet.inference import DEFAULT_VIEWS, predict_cxi
+def time_in_process(run, views: int, reference=None) -> float:
+    from dials_diffnet.inference import predict_cxi
     from dials_diffnet.spi.task import SpiTask
 
-    task = SpiTask(reference=reference, views=views or DEFAULT_VIEWS["spi"])
+    task = SpiTask(reference=reference, views=views)
     start = time.perf_counter()
     records = predict_cxi(task, run, batch_size=16)
     return len(records) / (time.perf_counter() - start)
@@ -94,8 +94,8 @@ def main():
         seconds = time_subprocess(run, workdir, *extra)
         rates[f"{name}, subprocess (median of 3)"] = args.n_shots / statistics.median(seconds)
     for views in (n, 1):
-        rates[f"in-process, count + type, {views} view(s)"] = time_in_process(run, views=views)
-        rates[f"in-process, + few-shot, {views} view(s)"] = time_in_process(run, support, views=views)
+        rates[f"in-process, count + type, {views} view(s)"] = time_in_process(run, views)
+        rates[f"in-process, + few-shot, {views} view(s)"] = time_in_process(run, views, support)
     result["load_at_end"] = load_average()
     print(f"{args.n_shots} noisy pnCCD shots, {result['machine']}, load {result['load_at_start']} -> {result['load_at_end']}")
     for k, v in rates.items():

@@ -289,7 +289,8 @@ def bench_set(name, expt_path, model, nproc, batch_size, views=2) -> dict:
         split = measure(f"(b') DIALS on {nproc} shares at once", lambda: time_dials_split(expt_path, nproc))
         if split:
             result["dials_split"] = split
-    result["diffnet"] = measure("(c) diffnet.predict", lambda: time_diffnet(expt_path, model, nproc, batch_size, views=views))
+    result["diffnet"] = measure("(c) diffnet.predict",
+                                lambda: time_diffnet(expt_path, model, nproc, batch_size, views=views))
     result["rates"] = rates(result)
     return result
 

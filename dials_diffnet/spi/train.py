@@ -323,7 +323,8 @@ def train_and_save_twin(sets, validation, twin_config, data_seconds, out, device
     data = training_data(sets, twin_config["random_shapes"])
     twin, history = train_twin(data, twin_config, twin_config["seed"], validation=validation["unseen"], device=device)
     twin_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
-                    "data_seconds": round(data_seconds), "device": str(device), "history (validation: dataset.validation_sets, held-back types)": history}
+                    "data_seconds": round(data_seconds), "device": str(device),
+                    "history (validation: dataset.validation_sets, held-back types)": history}
     save_model(twin, card("spi_twin", twin, twin_config, sets, twin_seconds, {
         "architecture": {"embedding_size": twin_config["embedding_size"], "width": twin_config["width"],
                          "patterson": twin_config["patterson"]},
