@@ -145,6 +145,11 @@ def test_task_feeds_each_network_its_own_grid_and_refuses_one_that_does_not_nest
     for name in ("spi_twin.safetensors", "spi_twin.json"):
         shutil.copy(card_path(shipped_path("spi_twin")).parent / name, tmp_path / name)
     card = json.loads((tmp_path / "spi_twin.json").read_text())
+    # a card naming a coarser grid that nests: its net gets the coarsened input (both shipped nets read 256 cells)
+    (tmp_path / "spi_twin.json").write_text(json.dumps(dict(card, grid={"size": 64, "s_max": 0.012})))
+    coarse = SpiTask(twin_path=tmp_path / "spi_twin.safetensors", views=1)
+    assert isinstance(coarse.twin, Coarsened) and coarse.twin.factor == SPI_GRID.size // 64
+    assert coarse.models["spi_twin"]["grid_size"] == 64
     (tmp_path / "spi_twin.json").write_text(json.dumps(dict(card, grid={"size": 96, "s_max": 0.012})))
     with pytest.raises(Sorry, match="does not nest"):
         SpiTask(twin_path=tmp_path / "spi_twin.safetensors")
@@ -321,3 +326,26 @@ def test_validation_sets_hold_enough_patterns_for_few_shot_scoring_at_any_scale(
             per_class = Counter((s.particle, s.count, s.noise) for s in specs)
             assert min(per_class.values()) > N_SUPPORT
             assert all(s.seed >= SEED_BASES["validation"] for s in specs)
+
+
+def test_sweep_trains_a_head_per_cell_on_frozen_trunk_features():
+    """The size x margin sweep (spi.evaluate --sweep): one fresh head per (E, alpha), scored few-shot."""
+    from dials_diffnet.models.spi import SpiTwinNet
+    from dials_diffnet.spi.evaluate import sweep
+
+    def patterns(seed, n_per_count):
+        # a level that grows with the count, so frozen random-trunk features separate single from multiple
+        rng = np.random.default_rng(seed)
+        counts = np.repeat(np.arange(1, 5), n_per_count)
+        x = np.ones((len(counts), 2, 32, 32), np.float32)
+        x[:, 0] = counts[:, None, None] + 0.1 * rng.standard_normal((len(counts), 32, 32))
+        return {"x": x, "count": counts, "particle": np.array(["toy"] * len(counts)),
+                "noise": np.array(["clean", "noisy"] * (len(counts) // 2))}
+
+    torch.manual_seed(0)
+    twin = SpiTwinNet(embedding_size=4, width=2).eval()
+    result = sweep(twin, patterns(1, 32), patterns(2, 16), epochs=2, sizes=(2, 8), margins=(0.3,))
+    assert [(r["embedding_size"], r["margin"]) for r in result["rows"]] == [(2, 0.3), (8, 0.3)]
+    assert result["train_patterns"] == 128
+    for row in result["rows"]:
+        assert row["clean_single_vs_multi"] > 0.9 and row["noisy_single_vs_multi"] > 0.9  # chance: 0.75

@@ -3,8 +3,8 @@
 SPI patterns go through the same `representation.represent` as crystallography,
 on a small-angle grid out to |q| = 0.012 1/A (d = 83 A) at the grid's inner edge.
 SPI_GRID, 256 x 256 cells of 9.4e-5 1/A, is the finest grid an SPI model reads and
-the one `diffnet.predict task=spi` represents images on; a model trained on a
-coarser grid of the same reach (the twin network: 128 cells) is fed the exactly
+the one `diffnet.predict task=spi` represents images on (both shipped networks read
+it); a model trained on a coarser grid of the same reach is fed the exactly
 coarsened input (models/grids.py). A 76 nm capsid's speckles span ~14 cells of
 SPI_GRID, fringes of particles 1-3 diameters apart 2-8 cells, and the field of view
 of the pattern's autocorrelation (1 / cell) is ~1 um, wider than a 4-particle cluster.

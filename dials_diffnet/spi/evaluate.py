@@ -136,7 +136,9 @@ def fewshot_scores(embeddings, counts, types, n_support=N_SUPPORT, trials=TRIALS
 
 
 def twin_metrics(model, unseen: dict, views: int = 1) -> dict:
-    emb = run_model(lambda x: model.embed(x, views), unseen["x"])
+    """Few-shot scores per noise level; `model` embeds grids (views > 1: averaged over views) or, as the
+    sweep's heads, trunk features (views = 1)."""
+    emb = run_model(model if views == 1 else (lambda x: model.embed(x, views)), unseen["x"])
     return {
         noise: fewshot_scores(emb[unseen["noise"] == noise], unseen["count"][unseen["noise"] == noise],
                               unseen["particle"][unseen["noise"] == noise])
