@@ -77,13 +77,16 @@ def autocast(device: torch.device):
 
 
 def load_task_model(weights_path, device: torch.device):
-    """(model, summary for the records file); Sorry for a missing, tampered or incompatible file."""
+    """(model, model card); Sorry for a missing, tampered or incompatible file."""
     try:
-        model, card = load_model(weights_path, device)
+        return load_model(weights_path, device)
     except WeightError as e:
         raise Sorry(one_line(e)) from None
-    summary = {k: card.get(k) for k in ("name", "version", "sha256", "representation_version")}
-    return model, summary
+
+
+def card_summary(card: dict) -> dict:
+    """What the records file says of a model."""
+    return {k: card.get(k) for k in ("name", "version", "sha256", "representation_version")}
 
 
 class CrystalTask:
@@ -95,10 +98,10 @@ class CrystalTask:
 
     def __init__(self, weights_path, device="cpu", views=1):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        model, summary = load_task_model(weights_path, self.device)
+        model, card = load_task_model(weights_path, self.device)
         # channels-last convolutions run ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU
         self.model = ViewAveraged(model.to(memory_format=torch.channels_last), views)
-        self.models = {"crystal": dict(summary, views=views)}
+        self.models = {"crystal": dict(card_summary(card), views=views)}
 
     def predict_batch(self, x: torch.Tensor) -> list[dict]:
         with torch.inference_mode(), autocast(self.device):

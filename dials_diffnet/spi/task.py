@@ -17,7 +17,6 @@ takes the label of the nearest class prototype. No retraining.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 
@@ -32,7 +31,7 @@ from dials_diffnet.representation import GridSpec, cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.weights import card_path, shipped_path
+from dials_diffnet.weights import shipped_path
 
 logger = logging.getLogger("dials.diffnet.spi")
 
@@ -109,15 +108,14 @@ class SpiTask:
     def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype",
                  views=8):
         self.device = torch.device(device)
-        from dials_diffnet.inference import load_task_model
+        from dials_diffnet.inference import card_summary, load_task_model
 
         self.views, self.models, cards, nets = views, {}, {}, {}
         for name, path in (("spi_multi", multi_path), ("spi_twin", twin_path)):
             path = path or shipped_path(name)
-            net, summary = load_task_model(path, self.device)
-            cards[name] = json.loads(card_path(path).read_text())
+            net, cards[name] = load_task_model(path, self.device)
             nets[name] = _on_task_grid(net, cards[name], path)
-            self.models[name] = dict(summary, views=views, grid_size=cards[name]["grid"]["size"])
+            self.models[name] = dict(card_summary(cards[name]), views=views, grid_size=cards[name]["grid"]["size"])
         self.multi, self.twin = ViewAveraged(nets["spi_multi"], views), nets["spi_twin"]
         self.particle_types = list(cards["spi_multi"]["particle_types"])
         self.reflection_columns = ["spi_count", "spi_p_single", "spi_type_prob"]
