@@ -15,10 +15,10 @@ out=${OUT:-$repo/training_run}
 mkdir -p "$out"
 cd "$out"
 
-diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=1 nproc=2 shard_size=128 \
-  recipe.images_per_geometry=32 output.directory=train_s1 output.log=simulate_train.log
-diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=2 nproc=2 shard_size=128 \
-  recipe.images_per_geometry=32 output.directory=train_s2 output.log=simulate_train2.log
+for seed in 1 2 3; do
+  diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 \
+    recipe.images_per_geometry=32 output.directory=train_s$seed output.log=simulate_train$seed.log
+done
 diffnet.simulate format=shards n_images=1024 seed=101 shard_size=128 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
 diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.images_per_geometry=16 \

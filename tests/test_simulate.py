@@ -8,7 +8,7 @@ import pytest
 
 from dials_diffnet.images import iter_image_refs, read_image
 from dials_diffnet.representation import cached_grid_map, represent
-from dials_diffnet.simulate.dataset import iter_shots, read_image_labels, write_images
+from dials_diffnet.simulate.dataset import iter_shots, read_image_labels, write_images, write_index
 from dials_diffnet.simulate.stills import DetectorFrame, Recipe, render, sample_shot
 
 SMALL = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(1.0, 0.0, 0.0))
@@ -73,6 +73,22 @@ def single_lattice_images(tmp_path_factory):
     # dataset seed 5, shot 18: tetragonal 126 x 126 x 23 A, ~2500 detectable spots
     paths = write_images(out, 5, 1, recipe, start=18)
     return out, paths
+
+
+def _write_index_repeatedly(directory):
+    for _ in range(300):
+        write_index(directory, 1, 4, SMALL, 2)
+
+
+def test_shard_workers_can_all_write_the_index(tmp_path):
+    """Every worker of `diffnet.simulate nproc=N` writes the data set's index.json; with one shared temporary
+    name, one worker's rename took the other's file away and the command died with a traceback."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_write_index_repeatedly, [tmp_path, tmp_path])
+    assert json.loads((tmp_path / "index.json").read_text())["n_images"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
 
 
 def test_cbf_round_trip_gives_the_same_network_input(single_lattice_images):

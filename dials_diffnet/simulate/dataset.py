@@ -138,6 +138,7 @@ def read_image_labels(cbf_path) -> dict:
 
 
 def _atomic_write(path: pathlib.Path, data: bytes):
-    tmp = path.with_name(path.name + ".part")
+    # a temporary name of this process's own: the shard workers of one data set all write its index.json
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     tmp.write_bytes(data)
     os.replace(tmp, path)
