@@ -9,7 +9,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # 2 only on an unloaded machine: b
 PY=${PY:-.venv/bin/python}
 CACHE=${CACHE:-/tmp/diffnet_spi_data}
 OUT=${OUT:-/tmp/diffnet_spi}
+WEIGHTS=dials_diffnet/weights
 mkdir -p "$OUT"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out dials_diffnet/weights
-$PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights dials_diffnet/weights --sweep --update-cards \
+# both models from scratch (spi_multi 0.5.0, spi_twin 0.4.0)
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS"
+# spi_multi 0.6.0: a warm restart of 0.5.0 (its weights, a fresh schedule at a third of the LR)
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_050.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_050.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+    --init "$OUT/spi_multi_050.safetensors" --epochs 36 --lr 1e-3 --warmup 0.05
+$PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

@@ -221,6 +221,13 @@ def test_multi_training_in_the_shared_loop_learns_the_count():
     model, history = train_multi(patterns(24), dict(MULTI, width=4, epochs=6, batch=16), validation=patterns(8))
     assert history[-1]["val_count_accuracy"] >= 0.9
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # a warm restart (spi.train --init) starts from the trained weights: at lr 0 they stay, and so does the count
+    restarted, again = train_multi(patterns(24), dict(MULTI, width=4, epochs=1, batch=16, lr=0.0), validation=patterns(8),
+                                   init=model)
+    assert again[0]["val_count_accuracy"] >= 0.9
+    for name, value in model.state_dict().items():
+        if name.endswith("weight"):
+            torch.testing.assert_close(restarted.state_dict()[name], value)
 
 
 def test_symmetrised_embedding_is_invariant_under_the_grid_symmetries():
@@ -292,6 +299,23 @@ def test_procedural_sets_extend_without_reseeding_and_reuse_a_larger_cache(tmp_p
     part = dataset.build(small, cache, grid=grid)
     assert np.array_equal(part["x"], full["x"][: len(small)]) and list(part["seed"]) == [s.seed for s in small]
     assert len(np.load(cache)["seed"]) == len(large)
+
+
+def test_a_larger_training_set_extends_its_cache_by_simulating_only_the_new_shots(tmp_path, monkeypatch):
+    """train_per_class 2 starts with train_per_class 1's shots, so growing the training set reuses them."""
+    from dials_diffnet.spi import dataset, spi_grid
+
+    small, large = (dataset.standard_sets(scale=1.0, train_per_class=n)["train"] for n in (1, 2))
+    assert large[: len(small)] == small and len({s.seed for s in large}) == len(large) == 2 * len(small)
+    cache, grid = tmp_path / "train.npz", spi_grid(64)
+    first = dataset.build(small, cache, grid=grid)
+    simulated, simulate = [], dataset._tensor
+    monkeypatch.setattr(dataset, "_tensor", lambda spec, grid: simulated.append(spec) or simulate(spec, grid))
+    grown = dataset.build(large, cache, grid=grid)
+    assert simulated == large[len(small):]
+    assert np.array_equal(grown["x"][: len(small)], first["x"]) and list(grown["seed"]) == [s.seed for s in large]
+    assert list(np.load(cache)["seed"]) == [s.seed for s in large]
+    assert list(grown["count"]) == [s.count for s in large]
 
 
 def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projection():

@@ -65,31 +65,37 @@ def _init_worker():
 
 def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: GridSpec = SPI_GRID) -> dict:
     """{'x': (N, 2, S, S) float16 on `grid`, 'count', 'particle', 'noise', 'seed'} for the specs, cached at
-    `cache` (a cache holding more patterns after these is sliced, not overwritten)."""
+    `cache`. A cache that starts with the same specs is reused: a longer one is sliced (not overwritten),
+    a shorter one is extended (only the specs after it are simulated)."""
+    cached = None
     if cache is not None and pathlib.Path(cache).is_file():
         data = dict(np.load(cache, allow_pickle=False))
-        # a cached set that starts with these specs (e.g. more procedural shapes) serves too
-        if (len(data["seed"]) >= len(specs) and np.array_equal(data["seed"][: len(specs)], [s.seed for s in specs])
-                and data["x"].shape[-1] == grid.size):
-            return {k: v[: len(specs)] for k, v in data.items()}
+        n = min(len(data["seed"]), len(specs))
+        if data["x"].shape[-1] == grid.size and np.array_equal(data["seed"][:n], [s.seed for s in specs[:n]]):
+            if n == len(specs):
+                return {k: v[:n] for k, v in data.items()}
+            cached = data
+    todo = specs[len(cached["seed"]):] if cached is not None else specs
     start = time.time()
-    for name in sorted({s.particle for s in specs}):
+    for name in sorted({s.particle for s in todo}):
         particle_transform(name)  # built once here, shared by the forked workers
     tensor = partial(_tensor, grid=grid)
     if workers > 1:
         with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            xs = pool.map(tensor, specs, chunksize=16)
+            xs = pool.map(tensor, todo, chunksize=16)
     else:
-        xs = [tensor(s) for s in specs]
-    logger.info("simulated and represented %d shots in %.0f s (%d workers)", len(specs), time.time() - start, workers)
+        xs = [tensor(s) for s in todo]
+    logger.info("simulated and represented %d shots in %.0f s (%d workers)", len(todo), time.time() - start, workers)
     data = {
         "x": np.stack(xs),
-        "count": np.array([s.count for s in specs], np.int64),
-        "particle": np.array([s.particle for s in specs]),
-        "noise": np.array([s.noise for s in specs]),
-        "pool": np.array([s.pool for s in specs]),
-        "seed": np.array([s.seed for s in specs], np.int64),
+        "count": np.array([s.count for s in todo], np.int64),
+        "particle": np.array([s.particle for s in todo]),
+        "noise": np.array([s.noise for s in todo]),
+        "pool": np.array([s.pool for s in todo]),
+        "seed": np.array([s.seed for s in todo], np.int64),
     }
+    if cached is not None:
+        data = joined(cached, data)
     if cache is not None:
         pathlib.Path(cache).parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(str(cache) + ".tmp.npz")
@@ -98,10 +104,11 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: Grid
     return data
 
 
-def standard_sets(scale: float = 1.0, random_shapes: int = 0) -> dict:
+def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
-    train:  seen types x counts 1-4 x {clean, noisy}, training geometry pool
+    train:  seen types x counts 1-4 x {clean, noisy} x train_per_class, training geometry pool (a larger
+            set starts with a smaller one's shots: seeds run over the classes, then the repeats)
     random: (when random_shapes > 0) that many procedural particles x counts x {clean, noisy} x 5,
             training geometry pool: extra training data for the count, no particle type
     test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
@@ -113,7 +120,7 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0) -> dict:
         return max(1, int(round(k * scale)))
 
     sets = {
-        "train": balanced_specs("train", SEEN_TYPES, n(75)),
+        "train": balanced_specs("train", SEEN_TYPES, n(train_per_class)),
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }

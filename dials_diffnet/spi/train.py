@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import pathlib
@@ -40,7 +41,7 @@ from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, 
 from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
 from dials_diffnet.spi.triplet import batch_triplet_loss
 from dials_diffnet.train import fit
-from dials_diffnet.weights import save_model
+from dials_diffnet.weights import load_model, save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
 
@@ -50,17 +51,17 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # grid_size: the model's input grid (spi_grid). Both models gained on 256 cells over 128 (docs/spi.md, Training).
 # MULTI epochs 30: at 20 its training accuracy was still climbing when the learning rate ran out.
 MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
-             random_shapes=0, seed=0, grid_size=256)
+             random_shapes=0, seed=0, grid_size=256, train_per_class=75)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
-            lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256)
+            lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256, train_per_class=75)
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
-              random_shapes: int = 0, grid=SPI_GRID, names=None) -> dict:
+              random_shapes: int = 0, grid=SPI_GRID, names=None, train_per_class: int = 75) -> dict:
     """The standard sets (train, test, unseen; random with `random_shapes`; those in `names` if given) on
     `grid`, or with `validation` the validation sets (under the names test and unseen, so evaluation code
     takes either)."""
-    sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes)
+    sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes, train_per_class)
     sets = {name: specs for name, specs in sets.items() if names is None or name in names}
     prefix = "validation_" if validation else ""
     return {
@@ -153,10 +154,14 @@ def triplet_objective(margin: float, mining: str):
     return loss
 
 
-def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dict | None = None, device="cpu"):
-    """(model, per-epoch history); `validation` (a set like `data`) is scored after every epoch."""
+def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dict | None = None, device="cpu",
+                init=None):
+    """(model, per-epoch history); `validation` (a set like `data`) is scored after every epoch.
+    `init`: a trained spi_multi to start from (a warm restart: its weights, a fresh schedule)."""
     torch.manual_seed(seed)
     model = SpiMultiNet(n_types=len(SEEN_TYPES), width=config["width"], patterson=config["patterson"])
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     loader = torch.utils.data.DataLoader(
         PatternSet(data["x"], multi_labels(data), augment=True, seed=seed), batch_size=config["batch"],
         shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed),
@@ -264,25 +269,35 @@ def main(argv=None):
                         help="override both models' number of procedural particles in the training data (0: none)")
     parser.add_argument("--seed", type=int, help="override both models' training seed")
     parser.add_argument("--grid-size", type=int, help="override both models' input grid (cells per side)")
+    parser.add_argument("--train-per-class", type=int,
+                        help="override both models' training shots per (type, count, noise) class (75: 4 800 shots)")
+    parser.add_argument("--lr", type=float, help="override both models' peak learning rate")
+    parser.add_argument("--warmup", type=float, help="override both models' warm-up fraction of the schedule")
+    parser.add_argument("--init", help="multi only: start from this trained spi_multi (same architecture; its "
+                                       "weights, a fresh schedule): how spi_multi 0.6.0 continued 0.5.0")
     args = parser.parse_args(argv)
+    if args.init and args.only != "multi":
+        parser.error("--init needs --only multi")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = pathlib.Path(args.out)
 
     multi_config, twin_config = dict(MULTI), dict(TWIN)
-    for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size"):
+    for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size", "lr", "warmup",
+                "train_per_class"):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
 
     # each model is scored after every epoch on its validation set: seen types (multi), held-back types (twin)
-    for name, config, train_and_save, validation_set in (("multi", multi_config, train_and_save_multi, "test"),
+    save_multi = functools.partial(train_and_save_multi, init=args.init)
+    for name, config, train_and_save, validation_set in (("multi", multi_config, save_multi, "test"),
                                                          ("twin", twin_config, train_and_save_twin, "unseen")):
         if args.only not in (None, name):
             continue
         start, grid = time.time(), spi_grid(config["grid_size"])
         sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers, random_shapes=config["random_shapes"],
-                         grid=grid, names=("train", "random"))
+                         grid=grid, names=("train", "random"), train_per_class=config["train_per_class"])
         validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True, grid=grid,
                                names=(validation_set,))
         train_and_save(sets, validation, config, time.time() - start, out, device)
@@ -301,12 +316,18 @@ def training_data(sets: dict, random_shapes: int) -> dict:
     return joined(sets["train"], random_patterns(sets, random_shapes)) if random_shapes else sets["train"]
 
 
-def train_and_save_multi(sets, validation, multi_config, data_seconds, out, device="cpu"):
+def train_and_save_multi(sets, validation, multi_config, data_seconds, out, device="cpu", init=None):
     t0, c0 = time.time(), time.process_time()
     data = training_data(sets, multi_config["random_shapes"])
-    multi, history = train_multi(data, multi_config, multi_config["seed"], validation["test"], device)
+    start, started_from = None, {}
+    if init is not None:
+        start, init_card = load_model(init)
+        if init_card.get("architecture", {}).get("width") != multi_config["width"] or init_card.get("name") != "spi_multi":
+            raise ValueError(f"--init {init} is not an spi_multi of width {multi_config['width']}")
+        started_from = {"initialised_from": {k: init_card.get(k) for k in ("name", "version", "sha256")}}
+    multi, history = train_multi(data, multi_config, multi_config["seed"], validation["test"], device, start)
     multi_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
-                     "data_seconds": round(data_seconds), "device": str(device),
+                     "data_seconds": round(data_seconds), "device": str(device), **started_from,
                      "history (validation: dataset.validation_sets)": history}
     save_model(multi, card("spi_multi", multi, multi_config, sets, multi_seconds, {
         "architecture": {"n_types": len(SEEN_TYPES), "n_counts": 4, "width": multi_config["width"],
