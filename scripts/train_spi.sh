@@ -18,5 +18,10 @@ cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_050.safetensors"
 cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_050.json"
 $PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
     --init "$OUT/spi_multi_050.safetensors" --epochs 36 --lr 1e-3 --warmup 0.05
+# spi_multi 0.7.0: 0.6.0 trained on twice the shots (150 per class; the first 75 are the old set)
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_060.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_060.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+    --init "$OUT/spi_multi_060.safetensors" --train-per-class 150 --epochs 12 --lr 1e-3 --warmup 0.05
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"
