@@ -38,3 +38,14 @@ def test_bad_parameter_is_a_one_line_sorry(tmp_path, argument, words):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Sorry"), result.stderr
     assert words in lines[0]
+
+
+@pytest.mark.parametrize("name", ["train", "predict", "evaluate"])
+def test_a_command_module_leaves_torch_free_to_use_the_threads_it_is_given(name):
+    # Importing DIALS first binds torch to cctbx's single-thread OpenMP stub: set_num_threads(2)
+    # is then silently ignored and training runs on one core.
+    probe = (f"import diffnet.{name}, torch; torch.set_num_threads(2); "
+             "from dials.util.options import ArgumentParser; print(torch.get_num_threads())")
+    done = command(sys.executable, "-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "2"
