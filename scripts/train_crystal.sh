@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seed 1), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
-# training, Eiger 4M, over a wider wavelength range), training, evaluation, and the model card.
+# training shards (seeds 1-4), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the model card.
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
 # FINAL_EPOCHS (default 8: stage 2, with the radius plane, on seeds 1 and 2; 0: skip it),
-# STAGE3_EPOCHS (default 4: stage 3, on seeds 1, 2 and 3; 0: skip it).
+# STAGE3_EPOCHS (default 4: stage 3, on seeds 1, 2 and 3; 0: skip it),
+# STAGE4_EPOCHS (default 4: stage 4, on seed 4, whose stills add the Eiger 16M; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -19,6 +20,11 @@ for seed in 1 2 3; do
   diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 \
     recipe.images_per_geometry=32 output.directory=train_s$seed output.log=simulate_train$seed.log
 done
+# Seed 4 adds a sixth detector, the photon-counting 75 um Eiger 16M (the held-out Eiger 4M differs in
+# size, distance range and wavelength range).
+diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=4 nproc=2 shard_size=128 \
+  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+  output.directory=train_s4 output.log=simulate_train4.log
 diffnet.simulate format=shards n_images=1024 seed=101 shard_size=128 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
 diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.images_per_geometry=16 \
@@ -47,6 +53,13 @@ if [ "${STAGE3_EPOCHS:-4}" -gt 0 ]; then
   diffnet.train train_s1 train_s2 train_s3 model.depth=18 model.width=16 model.radius_channel=True \
     model.init=crystal_stage2.safetensors epochs=${STAGE3_EPOCHS:-4} batch_size=32 lr=5e-4 seed=0 threads=2 \
     checkpoint.directory=checkpoints_stage3 output.weights=crystal.safetensors
+fi
+# Stage 4 (0.6.0): the stage-3 model, 4 more epochs (lr 5e-4, fresh schedule) on seed 4 alone.
+if [ "${STAGE4_EPOCHS:-4}" -gt 0 ]; then
+  mv crystal.safetensors crystal_stage3.safetensors && mv crystal.json crystal_stage3.json
+  diffnet.train train_s4 model.depth=18 model.width=16 model.radius_channel=True \
+    model.init=crystal_stage3.safetensors epochs=${STAGE4_EPOCHS:-4} batch_size=32 lr=5e-4 seed=0 threads=2 \
+    checkpoint.directory=checkpoints_stage4 output.weights=crystal.safetensors
 fi
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
