@@ -39,28 +39,24 @@ for resume_epochs in ${RESUME_EPOCHS-16 24 32}; do
   diffnet.train $stage1 epochs=$resume_epochs checkpoint.directory=checkpoints checkpoint.resume=True \
     output.weights=crystal.safetensors
 done
+# Stages 2-4 each keep the previous stage's model as crystal_stage<N-1>.* and train it further with
+# the |q| plane and a fresh schedule (next_stage N EPOCHS LR DATA...; EPOCHS 0 skips the stage).
+next_stage() {
+  local stage=$1 epochs=$2 lr=$3 previous=crystal_stage$(($1 - 1))
+  shift 3
+  [ "$epochs" -gt 0 ] || return 0
+  mv crystal.safetensors $previous.safetensors && mv crystal.json $previous.json
+  diffnet.train "$@" model.depth=18 model.width=16 model.radius_channel=True \
+    model.init=$previous.safetensors epochs=$epochs batch_size=32 lr=$lr seed=0 threads=2 \
+    checkpoint.directory=checkpoints_stage$stage output.weights=crystal.safetensors
+}
 # Stage 2 (0.4.0): the stage-1 model given the |q| plane (zero weight at the start, so it begins
-# from stage 1's predictions), trained on twice the images (seeds 1 and 2) with a fresh schedule.
-if [ "${FINAL_EPOCHS:-8}" -gt 0 ]; then
-  mv crystal.safetensors crystal_stage1.safetensors && mv crystal.json crystal_stage1.json
-  diffnet.train train_s1 train_s2 model.depth=18 model.width=16 model.radius_channel=True \
-    model.init=crystal_stage1.safetensors epochs=${FINAL_EPOCHS:-8} batch_size=32 lr=1e-3 seed=0 threads=2 \
-    checkpoint.directory=checkpoints_stage2 output.weights=crystal.safetensors
-fi
-# Stage 3 (0.5.0): the stage-2 model, 4 more epochs (lr 5e-4, fresh schedule) on seeds 1, 2 and 3.
-if [ "${STAGE3_EPOCHS:-4}" -gt 0 ]; then
-  mv crystal.safetensors crystal_stage2.safetensors && mv crystal.json crystal_stage2.json
-  diffnet.train train_s1 train_s2 train_s3 model.depth=18 model.width=16 model.radius_channel=True \
-    model.init=crystal_stage2.safetensors epochs=${STAGE3_EPOCHS:-4} batch_size=32 lr=5e-4 seed=0 threads=2 \
-    checkpoint.directory=checkpoints_stage3 output.weights=crystal.safetensors
-fi
-# Stage 4 (0.6.0): the stage-3 model, 4 more epochs (lr 5e-4, fresh schedule) on seed 4 alone.
-if [ "${STAGE4_EPOCHS:-4}" -gt 0 ]; then
-  mv crystal.safetensors crystal_stage3.safetensors && mv crystal.json crystal_stage3.json
-  diffnet.train train_s4 model.depth=18 model.width=16 model.radius_channel=True \
-    model.init=crystal_stage3.safetensors epochs=${STAGE4_EPOCHS:-4} batch_size=32 lr=5e-4 seed=0 threads=2 \
-    checkpoint.directory=checkpoints_stage4 output.weights=crystal.safetensors
-fi
+# from stage 1's predictions), trained on twice the images (seeds 1 and 2).
+next_stage 2 "${FINAL_EPOCHS:-8}" 1e-3 train_s1 train_s2
+# Stage 3 (0.5.0): 4 more epochs on seeds 1, 2 and 3.
+next_stage 3 "${STAGE3_EPOCHS:-4}" 5e-4 train_s1 train_s2 train_s3
+# Stage 4 (0.6.0): 4 more epochs on seed 4 alone.
+next_stage 4 "${STAGE4_EPOCHS:-4}" 5e-4 train_s4
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for test in test_s101 test_s102_eiger4m; do
