@@ -36,9 +36,12 @@ LABELS = {
     "n_lattices": np.int8,
     "minority_share": np.float32,  # weaker lattice's share of detectable spots; 0 if single
     "misorientation_deg": np.float32,  # NaN if single
+    "n_detectable": np.int32,  # spots with expected I/sigma >= 3 (a hit has >= 10); -1 if not stored
     "detector": str,
     "seed": np.int64,
 }
+# Labels added after shards were first written, and the value older shards read as.
+OPTIONAL_LABELS = {"n_detectable": -1}
 # The labels a training batch carries as tensors (the rest stay for evaluation).
 BATCH_LABELS = ("s_min", "edge_limited", "is_hit", "is_multi")
 
@@ -164,10 +167,11 @@ def read_index(directory) -> dict:
 
 def read_labels(path) -> dict:
     with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("x", *LABELS) if k not in z.files]
+        missing = [k for k in ("x", *LABELS) if k not in z.files and k not in OPTIONAL_LABELS]
         if missing:
             raise DatasetError(f"{path} lacks arrays {missing}")
-        return {k: z[k].astype(t) for k, t in LABELS.items()}
+        n = len(z["seed"])
+        return {k: z[k].astype(t) if k in z.files else np.full(n, OPTIONAL_LABELS[k], t) for k, t in LABELS.items()}
 
 
 def _open_x(path: str) -> np.ndarray:
@@ -255,7 +259,9 @@ class ShardSampler(torch.utils.data.Sampler):
 def write_shard(path, x: np.ndarray, labels: dict):
     """Write one shard uncompressed (so it memory-maps); used by the simulator and by tests."""
     arrays = {"x": np.asarray(x, dtype=np.float16)}
-    arrays.update({k: np.asarray(labels[k], dtype=t if t is not str else np.str_) for k, t in LABELS.items()})
+    n = len(arrays["x"])
+    arrays.update({k: np.asarray(labels[k] if k in labels else np.full(n, OPTIONAL_LABELS[k]), dtype=t if t is not str else np.str_)
+                   for k, t in LABELS.items()})
     tmp = pathlib.Path(str(path) + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)

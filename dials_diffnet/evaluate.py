@@ -27,6 +27,8 @@ logger = logging.getLogger("dials.diffnet.evaluate")
 # Default bin edges for accuracy against misorientation (degrees) and the weaker lattice's share.
 MISORIENTATION_BINS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 180.0)
 MINORITY_SHARE_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+# Bin edges for how often a crystal is called a hit against its detectable spots (a hit has >= 10).
+DETECTABLE_SPOT_BINS = (0, 5, 10, 15, 20, 30, 50, 100, np.inf)
 DIALS_MIN_SPOTS_FOR_HIT = 10  # what dials.ssx_index needs to try indexing
 
 
@@ -108,12 +110,13 @@ def edge_limited_metrics(s_pred, s_label) -> dict:
     }
 
 
-def binned_accuracy(correct, values, edges) -> list[dict]:
+def binned_accuracy(correct, values, edges, name="accuracy") -> list[dict]:
+    """Fraction of true flags (`correct`) in each bin [lo, hi) of `values` (the last bin closed)."""
     correct, values = np.asarray(correct, bool), np.asarray(values, np.float64)
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (values >= lo) & (values < hi) if hi != edges[-1] else (values >= lo) & (values <= hi)
-        rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()), "accuracy": _ratio(correct[inside].sum(), inside.sum())})
+        rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()), name: _ratio(correct[inside].sum(), inside.sum())})
     return rows
 
 
@@ -140,6 +143,12 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
         near_miss = crystal & ~hit
         metrics["hit_near_misses"] = {"n": int(near_miss.sum()),
                                       "fraction_called_hit": float(called[near_miss].mean()) if near_miss.any() else None}
+        n_detectable = np.asarray(labels.get("n_detectable", np.full(len(hit), -1)))
+        if (n_detectable[crystal] >= 0).all():  # shards written before the count was stored lack it
+            # below 10 spots this is the false-hit rate, from 10 up the recall: where the boundary blurs
+            metrics["hit_called_by_detectable_spots"] = binned_accuracy(
+                called[crystal], n_detectable[crystal], DETECTABLE_SPOT_BINS, name="fraction_called_hit"
+            )
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
         metrics["multi_lattice"]["accuracy_by_misorientation_deg"] = binned_accuracy(
@@ -443,6 +452,11 @@ def format_tables(metrics: dict) -> str:
     if near:
         rows.append(["crystal, too few spots for a hit", "n / called hit", f"{near['n']} / {f(near['fraction_called_hit'])}"])
     text = tabulate(rows, headers=["metric", "", "value"])
+    if metrics.get("hit_called_by_detectable_spots"):
+        text += "\n\nShots with a crystal called hits, by detectable spots (a hit has >= 10)\n" + tabulate(
+            [[f"{b['lo']:g}-{b['hi']:g}", b["n"], f(b["fraction_called_hit"])] for b in metrics["hit_called_by_detectable_spots"]],
+            headers=["detectable spots", "n", "called hit"],
+        )
     for key, title in (("accuracy_by_misorientation_deg", "misorientation (deg)"), ("accuracy_by_minority_share", "minority share")):
         bins = metrics["multi_lattice"].get(key)
         if bins:

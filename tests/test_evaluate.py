@@ -78,6 +78,8 @@ def labels_for(n, rng):
         "n_lattices": is_hit.astype(int) + is_multi + (np.arange(n) % 8 == 0), "minority_share": np.where(is_multi, 0.3, 0.0),
         "misorientation_deg": np.where(is_multi, rng.uniform(0, 90, n), np.nan),
         "detector": np.where(np.arange(n) % 3 == 0, "pilatus6m", "eiger16m"), "seed": np.arange(n),
+        # hits 10 spots and up, near misses 3, empty shots none
+        "n_detectable": np.where(is_hit, 10 + np.arange(n), np.where(np.arange(n) % 8 == 0, 3, 0)),
     }
 
 
@@ -99,6 +101,22 @@ def test_crystal_metrics_use_the_right_images():
     assert m["hit_vs_empty"]["n"] == 56 - 7 and m["hit_vs_empty"]["n_positive"] == hit.sum()
     assert sum(b["n"] for b in m["multi_lattice"]["accuracy_by_misorientation_deg"]) == labels["is_multi"].sum()
     assert set(m["by_detector"]) == {"pilatus6m", "eiger16m"}
+    # crystals called hits by detectable spots: none of the 7 near misses (3 spots), all 42 hits
+    by_spots = {(b["lo"], b["n"], b["fraction_called_hit"]) for b in m["hit_called_by_detectable_spots"] if b["n"]}
+    assert by_spots == {(0, 7, 0.0), (10, 3, 1.0), (15, 4, 1.0), (20, 8, 1.0), (30, 15, 1.0), (50, 12, 1.0)}
+
+
+def test_shards_written_before_the_spot_count_was_stored_still_load(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = labels_for(8, rng)
+    np.savez(tmp_path / "shard_00000.npz", x=np.zeros((8, 2, 64, 64), np.float16),
+             **{k: np.asarray(v) for k, v in labels.items() if k != "n_detectable"})
+    write_index(tmp_path, ["shard_00000.npz"], 8, grid=(64, 0.8))
+    loaded = ShardDataset(tmp_path).labels
+    assert (loaded["n_detectable"] == -1).all() and (loaded["is_hit"] == labels["is_hit"]).all()
+    predictions = {"s_min": labels["s_min"] + 0.01, "p_multi": np.full(8, 0.5), "p_hit": np.full(8, 0.7)}
+    m = evaluate.crystal_metrics(predictions, loaded)
+    assert "hit_called_by_detectable_spots" not in m and m["hit"]["n"] == 8
 
 
 def test_compare_with_dials():

@@ -31,6 +31,7 @@ LABEL_ARRAYS = {
     "n_lattices": np.int8,
     "minority_share": np.float32,
     "misorientation_deg": np.float32,
+    "n_detectable": np.int32,
 }
 
 
