@@ -13,6 +13,7 @@ uninterrupted run: the data order and augmentation are functions of
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,11 +38,13 @@ logger = logging.getLogger("dials.diffnet.train")
 RESOLUTION_SCALE = 0.05
 
 
-def crystal_loss(outputs: dict, labels: dict):
+def crystal_loss(outputs: dict, labels: dict, hit_weight: float = 1.0, multi_weight: float = 1.0):
     """Hit loss on every image; resolution and multi-lattice losses on hits only.
 
     Edge-limited labels say "at least this good", so predicting a resolution at
     least as good as the label costs nothing there (a one-sided hinge).
+    The weights scale the hit and multi-lattice terms against the resolution term;
+    the logged parts are unweighted, so runs with different weights compare.
     """
     hit = labels["is_hit"].bool()
     hit_loss = torch.nn.functional.binary_cross_entropy_with_logits(outputs["hit_logit"], hit.float())
@@ -56,7 +59,7 @@ def crystal_loss(outputs: dict, labels: dict):
     multi = torch.nn.functional.binary_cross_entropy_with_logits(outputs["multi_logit"], labels["is_multi"].float(), reduction="none")
     multi_loss = (multi * hit).sum() / n_hits
 
-    loss = resolution_loss + multi_loss + hit_loss
+    loss = resolution_loss + multi_weight * multi_loss + hit_weight * hit_loss
     return loss, {"resolution": resolution_loss.item(), "multi": multi_loss.item(), "hit": hit_loss.item()}
 
 
@@ -271,6 +274,7 @@ def train_crystal(params) -> dict:
         "seed": params.seed,
         "epochs": params.epochs,
         "initialised_from": initialised_from,
+        "loss_weights": {"hit": params.loss.hit_weight, "multi": params.loss.multi_weight},
     }
     val_labels = val_set.labels
 
@@ -278,7 +282,8 @@ def train_crystal(params) -> dict:
         return evaluate.summary(evaluate.crystal_metrics(evaluate.crystal_predictions(outputs), val_labels, summary_only=True))
 
     result = fit(
-        model, crystal_loss, train_loader, val_loader,
+        model, functools.partial(crystal_loss, hit_weight=params.loss.hit_weight, multi_weight=params.loss.multi_weight),
+        train_loader, val_loader,
         epochs=params.epochs, lr=params.lr, weight_decay=params.weight_decay, device=device,
         checkpoint_dir=params.checkpoint.directory, resume=params.checkpoint.resume, config=config,
         val_metrics=val_metrics,
@@ -310,8 +315,8 @@ def train_crystal(params) -> dict:
             "split": "per image: val if hash(image seed, seed) < val_fraction (datasets.split_indices)",
             **{k: v for k, v in config.items() if k not in ("architecture", "data")},
             "optimiser": "AdamW, linear warm-up 5% then cosine to 1% of lr, grad clip 1.0",
-            "loss": f"BCE(hit) on all; on hits: BCE(multi) + smooth-L1(log(1/d) ratio / {RESOLUTION_SCALE}), "
-            "one-sided for edge-limited labels",
+            "loss": f"{params.loss.hit_weight:g} BCE(hit) on all; on hits: {params.loss.multi_weight:g} BCE(multi) "
+            f"+ smooth-L1(log(1/d) ratio / {RESOLUTION_SCALE}), one-sided for edge-limited labels",
             "augmentation": "random 90 degree rotations and flips of the grid" if params.augment else "none",
             "history": result["history"],
             "wall_time_s": round(result["wall_time_s"], 1),

@@ -156,12 +156,23 @@ def test_loss_resolution_only_on_hits_and_one_sided_at_the_edge():
     assert loss_of(0.4, 0.5, False, True)["multi"] > 0
 
 
+def test_loss_weights_scale_the_hit_and_multi_lattice_terms_only():
+    outputs = {"s_min": torch.tensor([0.4, 0.3]), "multi_logit": torch.tensor([2.0, -1.0]), "hit_logit": torch.tensor([0.5, -0.5])}
+    labels = {"s_min": torch.tensor([0.5, 0.0]), "edge_limited": torch.tensor([False, False]),
+              "is_hit": torch.tensor([True, False]), "is_multi": torch.tensor([False, False])}
+    plain, parts = crystal_loss(outputs, labels)
+    weighted, weighted_parts = crystal_loss(outputs, labels, hit_weight=3.0, multi_weight=0.5)
+    assert weighted_parts == parts  # the logged terms stay unweighted
+    assert plain.item() == pytest.approx(parts["resolution"] + parts["multi"] + parts["hit"])
+    assert weighted.item() == pytest.approx(parts["resolution"] + 0.5 * parts["multi"] + 3.0 * parts["hit"])
+
+
 def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, monkeypatch):
     from diffnet.train import run
 
     monkeypatch.chdir(tmp_path)
     run([str(toy128), "model.width=8", "threads=1", "epochs=6", "batch_size=16", "lr=3e-3", "val_fraction=0.2", "seed=1",
-         "output.weights=toy.safetensors"])
+         "loss.hit_weight=2", "output.weights=toy.safetensors"])
     model, card = load_model(tmp_path / "toy.safetensors")
     history = card["training"]["history"]
     assert len(history) == 6
@@ -173,6 +184,7 @@ def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, m
     assert card["labels"] == {"s_min": "ring radius in the toy grid"}  # taken from the dataset recipe
     assert card["training"]["data"][0]["recipe"]["seed"] == 2 and card["training"]["seed"] == 1
     assert card["training"]["wall_time_s"] > 0 and card["training"]["device"].startswith("cpu")
+    assert card["training"]["loss_weights"] == {"hit": 2.0, "multi": 1.0} and card["training"]["loss"].startswith("2 BCE(hit)")
     assert (tmp_path / "diffnet.train.checkpoint" / "last.json").is_file()
     # The loaded weights reproduce the card's validation figures.
     from dials_diffnet.evaluate import evaluate_crystal
