@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dials_diffnet.representation import BeamGeometry, PanelGeometry
+from dials_diffnet.representation import BeamGeometry, PanelGeometry, isolated_overloads
 
 
 @dataclass
@@ -180,7 +180,8 @@ def read_uncompressed_cbf(path, image_size):
 
 def read_image(imageset, index) -> RawImage:
     """Read one image's raw panels: static masks applied, values at or below the trusted minimum
-    and non-finite values invalid, overloads clipped to the trusted maximum.
+    and non-finite values invalid, overloads clipped to the trusted maximum, lone overloads (hot
+    pixels, `representation.isolated_overloads`) invalid.
 
     Integer formats stay int32 (no per-pixel conversion: `represent` converts
     only the per-cell maxima, to the same bits).
@@ -202,6 +203,7 @@ def read_image(imageset, index) -> RawImage:
             with np.errstate(invalid="ignore"):
                 ok = mask & np.isfinite(values) & (values > lo)
             values = np.minimum(values, np.float32(hi))
+        ok[isolated_overloads(values, ok, hi)] = False
         pixels.append(values)
         valid.append(ok)
     return RawImage(pixels=pixels, valid=valid, panels=detector_geometry(detector), beam=beam_geometry(beam))

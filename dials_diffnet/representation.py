@@ -192,6 +192,42 @@ def _masked_flat(pixels, valid) -> np.ndarray:
     return flat
 
 
+# A saturated Bragg spot spreads over neighbouring pixels (its profile is at least a pixel wide,
+# so a neighbour of an overloaded peak holds well over a tenth of it); a lone overload is a hot pixel.
+HOT_PIXEL_NEIGHBOUR_FRACTION = 0.1
+
+
+def isolated_overloads(values: np.ndarray, valid: np.ndarray, trusted_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of one panel's hot pixels: valid pixels at or above `trusted_max` whose valid
+    8-neighbours all stay below HOT_PIXEL_NEIGHBOUR_FRACTION of it.
+
+    Every reader (dxtbx images in `images.read_image`, simulated ones in `simulate.stills.render`)
+    marks these invalid before `represent`: under the per-cell maximum a hot pixel is otherwise
+    indistinguishable from a spot, and the hundreds on a large detector read as a hit.
+    """
+    if values.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # one pass (row maxima), then only the few rows holding an overload are searched
+    overloaded_rows = np.flatnonzero(values.max(axis=1) >= trusted_max)
+    in_row, cols = np.nonzero(values[overloaded_rows] >= trusted_max)
+    rows = overloaded_rows[in_row]
+    keep = valid[rows, cols]
+    rows, cols = rows[keep], cols[keep]
+    n_rows, n_cols = values.shape
+    neighbour_max = np.full(rows.size, -np.inf)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr == dc == 0:
+                continue
+            r, c = rows + dr, cols + dc
+            inside = (r >= 0) & (r < n_rows) & (c >= 0) & (c < n_cols)
+            r, c = np.clip(r, 0, n_rows - 1), np.clip(c, 0, n_cols - 1)
+            seen = inside & valid[r, c]
+            neighbour_max = np.where(seen, np.maximum(neighbour_max, values[r, c]), neighbour_max)
+    lone = neighbour_max < HOT_PIXEL_NEIGHBOUR_FRACTION * trusted_max
+    return rows[lone], cols[lone]
+
+
 def represent(pixels, valid, grid_map: GridMap) -> np.ndarray:
     """Image -> network input, float32 array (N_CHANNELS, size, size) for grid_map.grid.
 

@@ -6,6 +6,7 @@ from dials_diffnet.representation import (
     GridSpec,
     PanelGeometry,
     build_grid_map,
+    isolated_overloads,
     represent,
 )
 
@@ -125,3 +126,20 @@ def test_fast_represent_is_bit_identical_to_the_plain_arithmetic():
     pixels[0][150, 150] = np.iinfo(np.int32).min
     valid[0][150, 150] = True
     assert np.array_equal(represent(pixels, valid, gm), _reference_represent(pixels, valid, gm))
+
+
+def test_lone_overloads_are_hot_pixels_but_a_saturated_spot_is_not():
+    hi = 1000.0
+    img = np.full((40, 40), 3.0, np.float32)
+    valid = np.ones_like(img, bool)
+    img[5, 5] = hi  # hot pixel on background
+    img[0, 39] = hi  # hot pixel in a corner
+    img[30, 10] = hi  # hot pixel whose only bright neighbour is masked
+    img[30, 11], valid[30, 11] = hi, False
+    yy, xx = np.mgrid[:40, :40]
+    img += 3 * hi * np.exp(-0.5 * ((yy - 20) ** 2 + (xx - 20.3) ** 2) / 0.6**2)  # a spot 0.6 px wide
+    img = np.minimum(img, hi)
+    hot = set(zip(*isolated_overloads(img, valid, hi)))
+    assert img[20, 20] == hi and (20, 20) not in hot  # the saturated spot's peak stays signal
+    assert hot == {(5, 5), (0, 39), (30, 10)}
+    assert isolated_overloads(img, valid, 2 * hi)[0].size == 0  # nothing overloaded, nothing flagged

@@ -43,6 +43,14 @@ def test_blank_shot_is_not_a_hit(frame):
     assert 0 < np.mean(image.pixels[0][image.valid[0]]) < 100
 
 
+def test_hot_pixels_are_simulated_and_masked_as_a_reader_masks_them(frame):
+    hi = frame.model.trusted_range[1]
+    image = render(sample_shot(12, Recipe(detectors={"pilatus2m": 1.0}, p_blank=1.0), GEOMETRY), frame)
+    overloaded = sum(int((p >= hi).sum()) for p in image.pixels)
+    assert overloaded > 20  # ~3e-5 of the 3M pixels
+    assert sum(int((p[v] >= hi).sum()) for p, v in zip(image.pixels, image.valid)) == 0
+
+
 def test_resolution_label_follows_b_factor(frame):
     """Same crystal and exposure, stronger B-factor damping: the label resolution gets worse."""
     shot = sample_shot(21, SMALL, GEOMETRY)

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from dials_diffnet.representation import CRYSTAL_GRID, BeamGeometry, cached_grid_map, pixel_q
+from dials_diffnet.representation import CRYSTAL_GRID, BeamGeometry, cached_grid_map, isolated_overloads, pixel_q
 from dials_diffnet.simulate.detectors import DETECTORS, module_gap_mask, panel_geometries
 
 IOS_THRESHOLD = 2.0
@@ -430,8 +430,10 @@ def render(shot: ShotParams, frame: DetectorFrame, noise=True) -> SimulatedImage
     pixels, valid = [], []
     for i, (ns_, nf_) in enumerate(frame.shapes):
         a, b = frame.offsets[i], frame.offsets[i + 1]
-        pixels.append(pixels_flat[a:b].reshape(ns_, nf_))
-        valid.append(valid_flat[a:b].reshape(ns_, nf_))
+        panel, ok = pixels_flat[a:b].reshape(ns_, nf_), valid_flat[a:b].reshape(ns_, nf_)
+        ok[isolated_overloads(panel, ok, model.trusted_range[1])] = False  # as images.read_image does
+        pixels.append(panel)
+        valid.append(ok)
     return SimulatedImage(pixels=pixels, valid=valid, labels=labels, frame=frame)
 
 
