@@ -194,16 +194,20 @@ def read_image(imageset, index) -> RawImage:
     for panel, values, mask in zip(detector, _raw_panels(imageset, index, detector), static_masks(imageset, detector)):
         lo, hi = panel.get_trusted_range()
         integer = values.dtype == np.int32 and float(hi).is_integer()
+        overloaded = True  # float panels: isolated_overloads looks for itself
         if integer:
             ok = mask & (values > lo)
-            if values.max(initial=0) > hi:
+            top = values.max(initial=0)
+            overloaded = top >= hi  # the usual integer panel has none: skip the hot-pixel search
+            if top > hi:
                 values = np.minimum(values, np.int32(min(hi, np.iinfo(np.int32).max)))
         else:
             values = values.astype(np.float32, copy=False)
             with np.errstate(invalid="ignore"):
                 ok = mask & np.isfinite(values) & (values > lo)
             values = np.minimum(values, np.float32(hi))
-        ok[isolated_overloads(values, ok, hi)] = False
+        if overloaded:
+            ok[isolated_overloads(values, ok, hi)] = False
         pixels.append(values)
         valid.append(ok)
     return RawImage(pixels=pixels, valid=valid, panels=detector_geometry(detector), beam=beam_geometry(beam))

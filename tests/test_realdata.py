@@ -14,13 +14,18 @@ from test_predict import crystal_model, diffnet, dials_import, find_spots, load_
 from conftest import realdata_files
 
 
+def image_paths(files):
+    """Every image file of `realdata_files()` entries (a directory gives its frames in order)."""
+    return [str(p) for f in files for p in (sorted(f.iterdir()) if f.is_dir() else [f])]
+
+
 @pytest.fixture(scope="module")
 def realdata_predictions(tmp_path_factory, crystal_model):  # noqa: F811
     files = realdata_files()
     if not files:
         pytest.skip("shared/realdata not present")
     d = tmp_path_factory.mktemp("realdata")
-    images = [str(p) for f in files for p in (sorted(f.iterdir()) if f.is_dir() else [f])]
+    images = image_paths(files)
     expt = dials_import(d, images)
     result = diffnet(d, "predict", expt, f"model.crystal={crystal_model}", "nproc=1", "batch_size=4")
     assert result.returncode == 0, result.stderr
@@ -64,7 +69,7 @@ def shipped_model_against_dials(tmp_path_factory):
     if not files:
         pytest.skip("shared/realdata not present")
     d = tmp_path_factory.mktemp("realdata_shipped")
-    images = [str(p) for f in files for p in (sorted(f.iterdir()) if f.is_dir() else [f])]
+    images = image_paths(files)
     expt = dials_import(d, images)
     result = diffnet(d, "predict", expt, "nproc=1", "batch_size=4")
     assert result.returncode == 0, result.stderr

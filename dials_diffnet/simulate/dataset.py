@@ -18,21 +18,12 @@ import time
 
 import numpy as np
 
+from dials_diffnet.datasets import LABELS
+from dials_diffnet.datasets import write_shard as save_shard_arrays
 from dials_diffnet.representation import CRYSTAL_GRID, REPRESENTATION_VERSION, represent
 from dials_diffnet.simulate.stills import LABEL_DEFINITIONS, DetectorFrame, Recipe, render, sample_geometry, sample_shot
 
 SEED_STRIDE = 1_000_000
-LABEL_ARRAYS = {
-    "s_min": np.float32,
-    "d_min": np.float32,
-    "edge_limited": bool,
-    "is_hit": bool,
-    "is_multi": bool,
-    "n_lattices": np.int8,
-    "minority_share": np.float32,
-    "misorientation_deg": np.float32,
-    "n_detectable": np.int32,
-}
 
 
 def shot_seed(dataset_seed: int, i: int) -> int:
@@ -79,17 +70,13 @@ def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size
     if path.exists():
         return path
     indices = range(shard_index * shard_size, min((shard_index + 1) * shard_size, n_images))
-    xs, labels, detectors, seeds = [], {k: [] for k in LABEL_ARRAYS}, [], []
+    xs, labels = [], {k: [] for k in LABELS}
     for i, shot, image in iter_shots(dataset_seed, indices, recipe):
         xs.append(represent(image.pixels, image.valid, image.frame.grid_map).astype(np.float16))
-        for k in LABEL_ARRAYS:
-            labels[k].append(image.labels[k])
-        detectors.append(shot.detector)
-        seeds.append(shot.seed)
-    arrays = {k: np.asarray(v, dtype=LABEL_ARRAYS[k]) for k, v in labels.items()}
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez(tmp, x=np.stack(xs), detector=np.asarray(detectors), seed=np.asarray(seeds, np.int64), **arrays)
-    os.replace(tmp, path)
+        row = {**image.labels, "detector": shot.detector, "seed": shot.seed}
+        for k in LABELS:
+            labels[k].append(row[k])
+    save_shard_arrays(path, np.stack(xs), labels)
     return path
 
 
