@@ -29,6 +29,8 @@ MISORIENTATION_BINS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 180.0)
 MINORITY_SHARE_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 # Bin edges for how often a crystal is called a hit against its detectable spots (a hit has >= 10).
 DETECTABLE_SPOT_BINS = (0, 5, 10, 15, 20, 30, 50, 100, np.inf)
+# Hits are split into this many strata of similar detectable-spot count to judge multi-lattice calls.
+MULTI_SPOT_STRATA = 10
 DIALS_MIN_SPOTS_FOR_HIT = 10  # what dials.ssx_index needs to try indexing
 
 
@@ -151,6 +153,8 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
             )
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
+        if (n_detectable[hit] >= 0).all():
+            metrics["multi_lattice"].update(spot_count_controls(predictions["p_multi"][hit], is_multi, n_detectable[hit]))
         metrics["multi_lattice"]["accuracy_by_misorientation_deg"] = binned_accuracy(
             correct[is_multi], labels["misorientation_deg"][hit][is_multi], MISORIENTATION_BINS
         )
@@ -162,6 +166,29 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
             for name in np.unique(labels["detector"])
         }
     return metrics
+
+
+def spot_count_controls(p_multi, is_multi, n_detectable) -> dict:
+    """Whether a multi-lattice judgement sees lattices or only counts spots.
+
+    A second lattice adds spots, so ranking hits by their detectable spots alone already
+    separates multi from single lattices somewhat (`spot_count_auc`). `auc_at_fixed_spot_count`
+    is the model's ROC AUC within MULTI_SPOT_STRATA strata of equal size by spot count, averaged
+    with weights n_multi x n_single: near 0.5 for a model that knows nothing beyond the count
+    (a little above, as the multi-lattice fraction still rises across each stratum).
+    """
+    p_multi, is_multi = np.asarray(p_multi, np.float64), np.asarray(is_multi, bool)
+    order = np.argsort(np.asarray(n_detectable, np.float64), kind="stable")
+    weighted, weights = 0.0, 0.0
+    for stratum in np.array_split(order, MULTI_SPOT_STRATA):
+        pairs = float(is_multi[stratum].sum()) * float((~is_multi[stratum]).sum())
+        if pairs:
+            weighted += pairs * roc_auc(p_multi[stratum], is_multi[stratum])
+            weights += pairs
+    return {
+        "spot_count_auc": roc_auc(n_detectable, is_multi),
+        "auc_at_fixed_spot_count": weighted / weights if weights else float("nan"),
+    }
 
 
 def summary(metrics: dict) -> dict:
@@ -448,6 +475,10 @@ def format_tables(metrics: dict) -> str:
             ["", "ROC AUC", f(m["roc_auc"], ".4f")],
             ["", "confusion tp fp fn tn", f"{c['tp']} {c['fp']} {c['fn']} {c['tn']}"],
         ]
+    multi = metrics["multi_lattice"]
+    if "spot_count_auc" in multi:
+        rows += [["multi-lattice, spot-count control", "AUC of the spot count alone", f(multi["spot_count_auc"], ".4f")],
+                 ["", "model AUC at fixed spot count", f(multi["auc_at_fixed_spot_count"], ".4f")]]
     near = metrics.get("hit_near_misses")
     if near:
         rows.append(["crystal, too few spots for a hit", "n / called hit", f"{near['n']} / {f(near['fraction_called_hit'])}"])

@@ -106,6 +106,25 @@ def test_crystal_metrics_use_the_right_images():
     assert by_spots == {(0, 7, 0.0), (10, 3, 1.0), (15, 4, 1.0), (20, 8, 1.0), (30, 15, 1.0), (50, 12, 1.0)}
 
 
+def test_spot_count_controls_tell_counting_spots_from_seeing_lattices():
+    rng = np.random.default_rng(5)
+    n_detectable = rng.integers(10, 1000, 4000)
+    # multi-lattice shots have more spots: the count alone ranks them above chance
+    is_multi = rng.random(4000) < np.clip(np.log10(n_detectable) / 3, 0, 1)
+    counting = evaluate.spot_count_controls(np.log(n_detectable) + 0.01 * rng.random(4000), is_multi, n_detectable)
+    assert counting["spot_count_auc"] > 0.75
+    # knows nothing beyond the count: near chance once hits of similar count are compared
+    assert counting["auc_at_fixed_spot_count"] < 0.6
+    seeing = evaluate.spot_count_controls(is_multi + 0.3 * rng.random(4000), is_multi, n_detectable)
+    assert seeing["auc_at_fixed_spot_count"] == pytest.approx(1.0)
+    assert seeing["spot_count_auc"] == counting["spot_count_auc"]  # a property of the labels, not the model
+    # and crystal_metrics reports them where the shards store the count
+    labels = labels_for(56, np.random.default_rng(2))
+    hit = labels["is_hit"]
+    m = evaluate.crystal_metrics({"s_min": labels["s_min"], "p_multi": labels["is_multi"] * 1.0, "p_hit": hit * 1.0}, labels)
+    assert m["multi_lattice"]["spot_count_auc"] == evaluate.roc_auc(labels["n_detectable"][hit], labels["is_multi"][hit])
+
+
 def test_shards_written_before_the_spot_count_was_stored_still_load(tmp_path):
     rng = np.random.default_rng(4)
     labels = labels_for(8, rng)
