@@ -442,6 +442,11 @@ def json_safe(obj):
     return obj
 
 
+def _bin_label(b: dict) -> str:
+    """"lo-hi", or "lo+" for an open bin: hi is inf, or None once json_safe has been through (model cards)."""
+    return f"{b['lo']:g}+" if b["hi"] is None or not np.isfinite(b["hi"]) else f"{b['lo']:g}-{b['hi']:g}"
+
+
 def format_tables(metrics: dict) -> str:
     """The printed summary of `crystal_metrics`."""
     from dials.util import tabulate
@@ -485,13 +490,13 @@ def format_tables(metrics: dict) -> str:
     text = tabulate(rows, headers=["metric", "", "value"])
     if metrics.get("hit_called_by_detectable_spots"):
         text += "\n\nShots with a crystal called hits, by detectable spots (a hit has >= 10)\n" + tabulate(
-            [[f"{b['lo']:g}-{b['hi']:g}", b["n"], f(b["fraction_called_hit"])] for b in metrics["hit_called_by_detectable_spots"]],
+            [[_bin_label(b), b["n"], f(b["fraction_called_hit"])] for b in metrics["hit_called_by_detectable_spots"]],
             headers=["detectable spots", "n", "called hit"],
         )
     for key, title in (("accuracy_by_misorientation_deg", "misorientation (deg)"), ("accuracy_by_minority_share", "minority share")):
         bins = metrics["multi_lattice"].get(key)
         if bins:
             text += "\n\nMulti-lattice recall by " + title + "\n" + tabulate(
-                [[f"{b['lo']:g}-{b['hi']:g}", b["n"], f(b["accuracy"])] for b in bins], headers=[title, "n", "accuracy"]
+                [[_bin_label(b), b["n"], f(b["accuracy"])] for b in bins], headers=[title, "n", "accuracy"]
             )
     return text

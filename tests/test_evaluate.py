@@ -125,6 +125,16 @@ def test_spot_count_controls_tell_counting_spots_from_seeing_lattices():
     assert m["multi_lattice"]["spot_count_auc"] == evaluate.roc_auc(labels["n_detectable"][hit], labels["is_multi"][hit])
 
 
+def test_tables_print_the_same_from_metrics_and_from_a_model_card():
+    # diffnet.train prints the card's validation metrics, where json_safe has made inf bin edges None
+    labels = labels_for(56, np.random.default_rng(2))
+    hit = labels["is_hit"]
+    m = evaluate.crystal_metrics({"s_min": labels["s_min"], "p_multi": labels["is_multi"] * 0.8, "p_hit": hit * 0.9}, labels)
+    text = evaluate.format_tables(m)
+    assert text == evaluate.format_tables(json.loads(json.dumps(evaluate.json_safe(m))))
+    assert "100+" in text and "30-50" in text and "spot-count control" in text
+
+
 def test_shards_written_before_the_spot_count_was_stored_still_load(tmp_path):
     rng = np.random.default_rng(4)
     labels = labels_for(8, rng)
