@@ -156,6 +156,9 @@ def run(args=None, phil=working_phil):
     diff_phil = parser.diff_phil.as_str()
     if diff_phil:
         logger.info("The following parameters have been modified:\n\n" + diff_phil)
+    if params.max_p_multi is not None and params.task == "crystal":
+        logger.warning("max_p_multi: the shipped crystal model's P(multi-lattice) follows the number of spots, "
+                       "not lattices (docs/training.md), so this rule drops strong single-lattice shots first")
 
     if len(set(experiments.identifiers())) != len(experiments) or "" in experiments.identifiers():
         raise Sorry(f"{expt_path} lacks unique experiment identifiers; re-import the images with dials.import")

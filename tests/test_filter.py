@@ -51,6 +51,7 @@ def test_filter_keeps_exactly_the_passing_stills(four_stills, tmp_path):
     result = diffnet(tmp_path, "filter", expt, refl, rules, "d_min=2.5", "max_p_multi=0.5")
     assert result.returncode == 0, result.stderr
     assert "not a hit" in result.stdout and "multi-lattice" in result.stdout
+    assert "drops strong single-lattice shots first" in result.stdout  # the rule's cost, said where it is used
 
     original = ExperimentListFactory.from_json_file(str(expt), check_format=False)
     filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
