@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seeds 1-4), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training shards (seeds 1-4, 7-9), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
 # training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the model card.
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
@@ -8,7 +8,8 @@
 # FINAL_EPOCHS (default 8: stage 2, with the radius plane, on seeds 1 and 2; 0: skip it),
 # STAGE3_EPOCHS (default 4: stage 3, on seeds 1, 2 and 3; 0: skip it),
 # STAGE4_EPOCHS (default 4: stage 4, on seed 4, whose stills add the Eiger 16M; 0: skip it),
-# STAGE5_EPOCHS (default 4: stage 5, on seed 7 with the hit term weighted 4; 0: skip it).
+# STAGE5_EPOCHS (default 4: stage 5, on seed 7 with the hit term weighted 4; 0: skip it),
+# STAGE6_EPOCHS (default 4: stage 6, on seeds 8 and 9, hit term weighted 4; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -28,9 +29,12 @@ diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=4 nproc=2 shard_si
   output.directory=train_s4 output.log=simulate_train4.log
 # Seed 7: the same six detectors; the first seed simulated with hot pixels masked (session 12; seeds
 # 1-4 of the shipped model were simulated before, so a re-run trains on slightly cleaner images).
-diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=7 nproc=2 shard_size=128 \
-  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-  output.directory=train_s7 output.log=simulate_train7.log
+# Seeds 8 and 9 (session 13): two more such sets for stage 6.
+for seed in 7 8 9; do
+  diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 \
+    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+    output.directory=train_s$seed output.log=simulate_train$seed.log
+done
 diffnet.simulate format=shards n_images=1024 seed=101 shard_size=128 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
 diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.images_per_geometry=16 \
@@ -65,6 +69,8 @@ next_stage 3 "${STAGE3_EPOCHS:-4}" 5e-4 train_s1 train_s2 train_s3
 next_stage 4 "${STAGE4_EPOCHS:-4}" 5e-4 train_s4
 # Stage 5 (0.7.0): 4 more epochs on seed 7, the hit term weighted 4 against resolution.
 next_stage 5 "${STAGE5_EPOCHS:-4}" 5e-4 train_s7 loss.hit_weight=4
+# Stage 6 (0.8.0): 4 more epochs on seeds 8 and 9 together, the same loss.
+next_stage 6 "${STAGE6_EPOCHS:-4}" 5e-4 train_s8 train_s9 loss.hit_weight=4
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for test in test_s101 test_s102_eiger4m; do
