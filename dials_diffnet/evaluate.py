@@ -146,19 +146,20 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
         metrics["hit_near_misses"] = {"n": int(near_miss.sum()),
                                       "fraction_called_hit": float(called[near_miss].mean()) if near_miss.any() else None}
         n_detectable = np.asarray(labels.get("n_detectable", np.full(len(hit), -1)))
-        if (n_detectable[crystal] >= 0).all():  # shards written before the count was stored lack it
+        counts_stored = (n_detectable[crystal] >= 0).all()  # shards written before the count was stored lack it
+        if counts_stored:
             # below 10 spots this is the false-hit rate, from 10 up the recall: where the boundary blurs
             metrics["hit_called_by_detectable_spots"] = binned_accuracy(
                 called[crystal], n_detectable[crystal], DETECTABLE_SPOT_BINS, name="fraction_called_hit"
             )
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
-        if (n_detectable[hit] >= 0).all():
-            metrics["multi_lattice"].update(spot_count_controls(predictions["p_multi"][hit], is_multi, n_detectable[hit]))
-        metrics["multi_lattice"]["accuracy_by_misorientation_deg"] = binned_accuracy(
+        if counts_stored:  # hits are crystals
+            multi.update(spot_count_controls(predictions["p_multi"][hit], is_multi, n_detectable[hit]))
+        multi["accuracy_by_misorientation_deg"] = binned_accuracy(
             correct[is_multi], labels["misorientation_deg"][hit][is_multi], MISORIENTATION_BINS
         )
-        metrics["multi_lattice"]["accuracy_by_minority_share"] = binned_accuracy(
+        multi["accuracy_by_minority_share"] = binned_accuracy(
             correct[is_multi], labels["minority_share"][hit][is_multi], MINORITY_SHARE_BINS
         )
         metrics["by_detector"] = {
@@ -494,7 +495,7 @@ def format_tables(metrics: dict) -> str:
             headers=["detectable spots", "n", "called hit"],
         )
     for key, title in (("accuracy_by_misorientation_deg", "misorientation (deg)"), ("accuracy_by_minority_share", "minority share")):
-        bins = metrics["multi_lattice"].get(key)
+        bins = multi.get(key)
         if bins:
             text += "\n\nMulti-lattice recall by " + title + "\n" + tabulate(
                 [[_bin_label(b), b["n"], f(b["accuracy"])] for b in bins], headers=[title, "n", "accuracy"]
