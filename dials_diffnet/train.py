@@ -332,28 +332,32 @@ def train_crystal(params) -> dict:
 def initialise_from(model: CrystalNet, weights_path) -> dict:
     """Copy a trained crystal model's weights into `model` (in place); returns what it was.
 
-    Input planes the old model lacked (the stem convolution's extra input
-    channels) start at zero weight, so the new model starts with the old one's
-    predictions and training only has to learn what the new planes add.
+    `model` may be wider than the old one (same depth) and may have input planes
+    the old one lacked. The old channels keep their weights and are listed first
+    in every layer; what is new (channels, input planes) gets fresh weights for
+    its own outputs and zero weight into the old channels, so the new model starts
+    with exactly the old one's predictions and training only has to learn what the
+    extra capacity or planes add.
     """
     old, card = load_model(weights_path)
     if card.get("task") != "crystal":
         raise ValueError(f"model.init={weights_path} is a {card.get('task')!r} model, not a crystal model")
+    if type(old.backbone.stages[0]) is not type(model.backbone.stages[0]) \
+            or len(old.backbone.stages) != len(model.backbone.stages):
+        raise ValueError(f"model.init={weights_path} is a depth-{card['architecture']['depth']} model: depth must match")
     state = model.state_dict()
     with torch.no_grad():
         for name, value in old.state_dict().items():
             target = state.get(name)
             if target is None:
                 raise ValueError(f"model.init={weights_path}: {name} has no place in {type(model).__name__}")
-            if target.shape == value.shape:
-                target.copy_(value)
-            elif target.dim() == 4 and target.shape[0] == value.shape[0] and target.shape[1] > value.shape[1] \
-                    and target.shape[2:] == value.shape[2:]:
-                target.zero_()
-                target[:, : value.shape[1]] = value
-            else:
-                raise ValueError(f"model.init={weights_path}: {name} is {tuple(value.shape)}, "
-                                 f"this model needs {tuple(target.shape)}: depth and width must match")
+            if target.dim() != value.dim() or any(t < v for t, v in zip(target.shape, value.shape)):
+                raise ValueError(f"model.init={weights_path}: {name} is {tuple(value.shape)}, this model needs "
+                                 f"{tuple(target.shape)}: depth must match and width may only grow")
+            old_slice = tuple(slice(0, n) for n in value.shape)
+            if value.dim() >= 2:  # conv / linear: old outputs must not read new inputs
+                target[: value.shape[0], value.shape[1]:] = 0
+            target[old_slice] = value
     return {"name": card.get("name"), "version": card.get("version"), "sha256": card.get("sha256"),
             "architecture": card.get("architecture")}
 

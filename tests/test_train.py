@@ -225,11 +225,39 @@ def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
     # ... and the new plane is learnable: its stem weights get a gradient.
     new.train()(x)["s_min"].sum().backward()
     assert new.backbone.stem[0].weight.grad[:, 2].abs().sum() > 0
-    with pytest.raises(ValueError, match="depth and width must match"):
-        initialise_from(CrystalNet(18, 8, radius_channel=True), tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="width may only grow"):
+        initialise_from(CrystalNet(18, 2), tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="depth must match"):
+        initialise_from(CrystalNet(34, 4), tmp_path / "old.safetensors")
     save_model(old, {"name": "spi", "task": "spi_multi", "architecture": arch}, tmp_path / "spi.safetensors")
     with pytest.raises(ValueError, match="not a crystal model"):
         initialise_from(new, tmp_path / "spi.safetensors")
+
+
+def test_a_wider_model_initialised_from_a_narrow_one_starts_with_its_predictions_and_learns(tmp_path):
+    torch.manual_seed(1)
+    old = CrystalNet(18, 4, radius_channel=True).eval()
+    for m in old.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    arch = {"class": "CrystalNet", "depth": 18, "width": 4, "in_channels": 2, "radius_channel": True}
+    save_model(old, {"name": "old", "task": "crystal", "architecture": arch}, tmp_path / "old.safetensors")
+    wide = CrystalNet(18, 6, radius_channel=True)
+    initialise_from(wide, tmp_path / "old.safetensors")
+    x = torch.randn(3, 2, 64, 64)
+    with torch.no_grad():
+        before = old(x)
+        after_eval, after_train = wide.eval()(x), wide.train()(x)
+    for name in CrystalNet.OUTPUTS:
+        torch.testing.assert_close(after_eval[name], before[name])
+    # In training mode batch statistics replace the running ones: the old channels' are unchanged too.
+    torch.testing.assert_close(after_train["s_min"], old.train()(x)["s_min"])
+    # The new channels are not dead: the zero weights from them into old channels get gradients.
+    wide.zero_grad()
+    wide(x)["s_min"].sum().backward()
+    assert wide.head.weight.grad[:, old.backbone.n_features:].abs().sum() > 0
+    assert wide.backbone.stages[0].conv2.weight.grad[:4, 4:].abs().sum() > 0
 
 
 def test_resume_after_interruption_matches_uninterrupted_training(toy64, tmp_path):
