@@ -205,15 +205,23 @@ def test_radius_plane_is_the_resolution_coordinate_and_survives_augmentation():
         np.testing.assert_array_equal(square_symmetry(plane[None], key)[0], plane)
 
 
-def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
-    torch.manual_seed(0)
-    old = CrystalNet(18, 4).eval()
-    for m in old.modules():  # non-trivial statistics, so that the check means something
+def _saved_width4_model(path, radius_channel):
+    """A CrystalNet(18, 4) in eval mode, saved with a crystal card; returns it and its architecture."""
+    model = CrystalNet(18, 4, radius_channel=radius_channel).eval()
+    for m in model.modules():  # non-trivial statistics, so that a check of kept predictions means something
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     arch = {"class": "CrystalNet", "depth": 18, "width": 4, "in_channels": 2}
-    save_model(old, {"name": "old", "task": "crystal", "version": "t", "architecture": arch}, tmp_path / "old.safetensors")
+    if radius_channel:
+        arch["radius_channel"] = True
+    save_model(model, {"name": "old", "task": "crystal", "version": "t", "architecture": arch}, path)
+    return model, arch
+
+
+def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
+    torch.manual_seed(0)
+    old, arch = _saved_width4_model(tmp_path / "old.safetensors", radius_channel=False)
     new = CrystalNet(18, 4, radius_channel=True)
     info = initialise_from(new, tmp_path / "old.safetensors")
     assert info["name"] == "old" and info["architecture"] == arch
@@ -236,13 +244,7 @@ def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
 
 def test_a_wider_model_initialised_from_a_narrow_one_starts_with_its_predictions_and_learns(tmp_path):
     torch.manual_seed(1)
-    old = CrystalNet(18, 4, radius_channel=True).eval()
-    for m in old.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    arch = {"class": "CrystalNet", "depth": 18, "width": 4, "in_channels": 2, "radius_channel": True}
-    save_model(old, {"name": "old", "task": "crystal", "architecture": arch}, tmp_path / "old.safetensors")
+    old, _ = _saved_width4_model(tmp_path / "old.safetensors", radius_channel=True)
     wide = CrystalNet(18, 6, radius_channel=True)
     initialise_from(wide, tmp_path / "old.safetensors")
     x = torch.randn(3, 2, 64, 64)
