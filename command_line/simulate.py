@@ -51,8 +51,8 @@ def recipe_from(params) -> Recipe:
 
 
 def _shard_worker(args):
-    out_dir, seed, n_images, recipe, shard_size, worker, n_workers = args
-    generate_shards(out_dir, seed, n_images, recipe, shard_size, worker, n_workers, log=logger.info)
+    out_dir, seed, n_images, recipe, shard_size, worker, n_workers, planes = args
+    generate_shards(out_dir, seed, n_images, recipe, shard_size, worker, n_workers, log=logger.info, planes=planes)
 
 
 @show_mail_handle_errors()
@@ -75,12 +75,16 @@ def run(args=None, phil=phil_scope):
         paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress, minicbf=minicbf)
         logger.info("Wrote %d images to %s (shot_NNNNN.cbf + .json labels)", len(paths), out)
         return
-    jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc) for w in range(params.nproc)]
-    if params.nproc == 1:
-        _shard_worker(jobs[0])
-    else:
-        with multiprocessing.get_context("spawn").Pool(params.nproc) as pool:
-            pool.map(_shard_worker, jobs)
+    jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc, params.planes)
+            for w in range(params.nproc)]
+    try:
+        if params.nproc == 1:
+            _shard_worker(jobs[0])
+        else:
+            with multiprocessing.get_context("spawn").Pool(params.nproc) as pool:
+                pool.map(_shard_worker, jobs)
+    except ValueError as e:
+        raise Sorry(str(e)) from None
     logger.info("Wrote %d images as shards to %s", params.n_images, out)
 
 

@@ -2,10 +2,13 @@
 
 A dataset is a directory holding `index.json` and shards `shard_NNNNN.npz`:
 
-    index.json  {"representation_version": 1, "grid": [256, 0.8], "shards": [names],
+    index.json  {"representation_version": 1, "planes": P, "grid": [256, 0.8], "shards": [names],
                  "recipe": {...}, "n_images": N}
-    shard       x (N, 2, size, size) float16, the output of `representation.represent`,
+    shard       x (N, P, size, size) float16, the output of `representation.represent`
+                (P = 2, or 3 with the cell signal-to-noise plane; "planes" absent means 2),
                 and one value per image for each name in LABELS.
+
+A model reads the leading planes it was built for, so a 3-plane set also serves 2-plane models.
 
 Inputs are never recomputed here. Shards written uncompressed (`np.savez`) are
 memory-mapped, so a training set far larger than RAM streams from the page
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dials_diffnet.representation import REPRESENTATION_VERSION
+from dials_diffnet.representation import N_CHANNELS, REPRESENTATION_VERSION
 
 # Per-image labels every shard carries (name -> dtype when loaded).
 LABELS = {
@@ -69,11 +72,16 @@ class ShardDataset(torch.utils.data.Dataset):
     and a resumed run repeats the same draws. Call `set_epoch` at each epoch.
     """
 
-    def __init__(self, directories, indices=None, augment=False, seed=0):
+    def __init__(self, directories, indices=None, augment=False, seed=0, planes=N_CHANNELS):
         if isinstance(directories, (str, pathlib.Path)):
             directories = [directories]
         self.directories = [pathlib.Path(d) for d in directories]
         self.indexes = [read_index(d) for d in self.directories]
+        for directory, index in zip(self.directories, self.indexes):
+            if index.get("planes", N_CHANNELS) < planes:
+                raise DatasetError(f"{directory} holds {index.get('planes', N_CHANNELS)} representation planes; "
+                                   f"this model reads {planes} (diffnet.simulate planes={planes} makes them)")
+        self.planes = planes
         grids = {tuple(ix["grid"]) for ix in self.indexes}
         if len(grids) != 1:
             raise DatasetError(f"datasets use different grids {sorted(grids)}")
@@ -124,7 +132,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i = int(self.indices[item])
         shard = self.shards[self._shard_of[i]]
-        x = np.array(_open_x(str(shard.path))[i - shard.start], dtype=np.float16)  # a copy, off the map
+        x = np.array(_open_x(str(shard.path))[i - shard.start, : self.planes], dtype=np.float16)  # a copy, off the map
         if self.augment:
             x = square_symmetry(x, (self.seed, self.epoch, i))
         labels = {k: torch.as_tensor(self.labels_all[k][i]) for k in BATCH_LABELS}
@@ -267,9 +275,10 @@ def write_shard(path, x: np.ndarray, labels: dict):
     tmp.replace(path)
 
 
-def write_index(directory, shards, n_images, recipe=None, grid=(256, 0.8)):
+def write_index(directory, shards, n_images, recipe=None, grid=(256, 0.8), planes=N_CHANNELS):
     index = {
         "representation_version": REPRESENTATION_VERSION,
+        "planes": planes,
         "grid": list(grid),
         "shards": list(shards),
         "recipe": recipe or {},

@@ -1,7 +1,7 @@
 """Batched inference over every image of an ExperimentList.
 
-A *task* bundles the model(s) with the grid they read: `predict_batch` turns a
-batch of representations (B, 2, S, S) into one dict of fields per image. The
+A *task* bundles the model(s) with the grid and planes they read: `predict_batch`
+turns a batch of representations (B, planes, S, S) into one dict of fields per image. The
 crystallography task is here; an SPI task plugs in by the same protocol.
 
 Images are read by DataLoader worker processes while the model runs. Each
@@ -43,6 +43,7 @@ MIN_S_MIN = 1e-4
 class Task(Protocol):
     name: str
     grid: GridSpec
+    planes: int  # representation planes its models read (representation.represent)
     models: dict  # model name -> summary for the records file (name, version, sha256)
     reflection_columns: tuple  # float fields copied onto reflections as diffnet_<field>
     device: torch.device
@@ -101,7 +102,8 @@ class CrystalTask:
         model, card = load_task_model(weights_path, self.device)
         # channels-last convolutions run ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU
         self.model = ViewAveraged(model.to(memory_format=torch.channels_last), views)
-        self.models = {"crystal": dict(card_summary(card), views=views)}
+        self.planes = card["architecture"].get("in_channels", N_CHANNELS)
+        self.models = {"crystal": dict(card_summary(card), views=views, planes=self.planes)}
 
     def predict_batch(self, x: torch.Tensor) -> list[dict]:
         with torch.inference_mode(), autocast(self.device):
@@ -233,10 +235,11 @@ class ImageDataset(torch.utils.data.Dataset):
     Arrays, not tensors: a 512 KB array pickles through the reader's pipe in well under a
     millisecond, while a tensor goes through a new shared-memory segment per item (~7 ms here)."""
 
-    def __init__(self, expt_path, n_images: int, grid: GridSpec, max_saturated_fraction: float):
+    def __init__(self, expt_path, n_images: int, grid: GridSpec, max_saturated_fraction: float, planes=N_CHANNELS):
         self.expt_path = str(expt_path)
         self.n_images = n_images
         self.grid = grid
+        self.planes = planes
         self.max_saturated_fraction = max_saturated_fraction
         self._sources = None  # loaded lazily, in the process that reads
         self.parent_pid = os.getpid()
@@ -255,7 +258,7 @@ class ImageDataset(torch.utils.data.Dataset):
             self._sources = _image_sources(self.expt_path)
         x, failure = self._represent(self._sources[i])
         if failure:
-            x = np.zeros((N_CHANNELS, self.grid.size, self.grid.size), dtype=np.float32)
+            x = np.zeros((self.planes, self.grid.size, self.grid.size), dtype=np.float32)
         return i, x, failure or ""
 
     def _represent(self, source):
@@ -270,7 +273,7 @@ class ImageDataset(torch.utils.data.Dataset):
             failure = image_failure(raw, trusted_max, self.max_saturated_fraction)
             if failure:
                 return None, failure
-            x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam, self.grid))
+            x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam, self.grid), self.planes)
         except Exception as e:  # dxtbx raises many kinds for truncated or corrupt files
             return None, f"unreadable: {one_line(e) or type(e).__name__}"
         if not x[1].any():
@@ -386,7 +389,7 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
     """
     refs = list(refs)
     reuse_freed_memory()
-    dataset = ImageDataset(expt_path, len(refs), task.grid, max_saturated_fraction)
+    dataset = ImageDataset(expt_path, len(refs), task.grid, max_saturated_fraction, task.planes)
     forked = nproc > 0 and torch.multiprocessing.get_start_method() == "fork"
     if forked:
         prewarm_grid_maps(refs, task.grid)
@@ -403,7 +406,7 @@ def predict_images(task: Task, expt_path, refs, *, batch_size=16, nproc=1, max_s
     # Reusing the buffer is safe: predict_batch returns host values, so its copy has finished by then.
     pinned = None
     if task.device.type == "cuda":
-        pinned = torch.empty((batch_size, N_CHANNELS, task.grid.size, task.grid.size)).pin_memory()
+        pinned = torch.empty((batch_size, task.planes, task.grid.size, task.grid.size)).pin_memory()
     threads = max(1, available_cores() - nproc) if nproc > 0 else torch.get_num_threads()
     records: list[ImageRecord | None] = [None] * len(refs)
     with torch_threads(threads), progress(total=len(refs), desc="diffnet", unit="image") as bar:
@@ -446,7 +449,7 @@ def predict_cxi(task: Task, cxi_path, *, batch_size=16) -> list[ImageRecord]:
     try:
         for i, raw in enumerate(read_cxi(cxi_path)):
             ref = ImageRef(experiment_index=0, identifier="", imageset=None, index=i, path=os.path.abspath(cxi_path), image_number=i + 1)
-            x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid))
+            x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid), task.planes)
             records.append(None if x[1].any() else failed_record(ref, "no valid pixels within the reach of the grid"))
             if records[-1] is None:
                 pending.append((i, ref, x))

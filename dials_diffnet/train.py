@@ -244,7 +244,7 @@ def train_crystal(params) -> dict:
         torch.set_num_threads(params.threads)
     device = evaluate.resolve_device(params.device)
 
-    data = ShardDataset(params.data.train, augment=params.augment, seed=params.seed)
+    data = ShardDataset(params.data.train, augment=params.augment, seed=params.seed, planes=params.model.planes)
     train_idx, val_idx = split_indices(data, params.data.val_fraction, params.seed)
     if len(train_idx) == 0:
         raise ValueError("no training images: check data.train and data.val_fraction")
@@ -259,8 +259,8 @@ def train_crystal(params) -> dict:
     )
     val_loader = torch.utils.data.DataLoader(val_set, **loader_args)
 
-    architecture = {"class": "CrystalNet", "depth": params.model.depth, "width": params.model.width, "in_channels": 2,
-                    "radius_channel": params.model.radius_channel}
+    architecture = {"class": "CrystalNet", "depth": params.model.depth, "width": params.model.width,
+                    "in_channels": params.model.planes, "radius_channel": params.model.radius_channel}
     model = build(architecture)
     initialised_from = initialise_from(model, params.model.init) if params.model.init else None
     config = {

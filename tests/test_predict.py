@@ -34,15 +34,15 @@ TRUSTED_MAX = 60000
 # --- shared helpers -----------------------------------------------------------------------------
 
 
-def write_random_model(directory) -> pathlib.Path:
+def write_random_model(directory, planes=2) -> pathlib.Path:
     torch.manual_seed(0)
     path = pathlib.Path(directory) / "crystal.safetensors"
     card = {
         "name": "crystal",
         "version": "test",
-        "architecture": {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": 2},
+        "architecture": {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": planes},
     }
-    save_model(CrystalNet(depth=18, width=8), card, path)
+    save_model(CrystalNet(depth=18, width=8, in_channels=planes), card, path)
     return path
 
 
@@ -177,6 +177,32 @@ def test_rerun_and_background_readers_give_identical_json(stills, crystal_model,
     for x, y in zip(load_records(tmp_path / "a.json"), load_records(tmp_path / "c.json")):
         assert x["d_min"] == pytest.approx(y["d_min"], rel=1e-5)
         assert x["p_hit"] == pytest.approx(y["p_hit"], rel=1e-5)
+
+
+def test_a_model_reading_the_snr_plane_gets_it_from_every_reader(stills, tmp_path):
+    """The records equal the model applied here to represent(..., planes=3) of each image, and the
+    SNR plane changes them: it reaches the model, in the main process and in background readers."""
+    from dials_diffnet.images import iter_image_refs, read_image
+    from dials_diffnet.inference import CrystalTask
+    from dials_diffnet.representation import cached_grid_map, represent
+
+    expt, _ = stills
+    model = write_random_model(tmp_path, planes=3)
+    common = [expt, f"model.crystal={model}", "views=1", "output.experiments=None", "output.table=None"]
+    for name, nproc in (("main.json", 0), ("readers.json", 2)):
+        result = diffnet(tmp_path, "predict", *common, f"output.json={name}", f"nproc={nproc}")
+        assert result.returncode == 0, result.stderr
+    document = json.loads((tmp_path / "main.json").read_text())
+    assert document["models"]["crystal"]["planes"] == 3
+    task = CrystalTask(model, "cpu", views=1)
+    experiments = ExperimentListFactory.from_json_file(str(expt))
+    for name in ("main.json", "readers.json"):
+        for record, ref in zip(load_records(tmp_path / name), iter_image_refs(experiments)):
+            raw = read_image(ref.imageset, ref.index)
+            x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam), planes=3)
+            assert record["s_min"] == pytest.approx(task.predict_batch(torch.from_numpy(x[None]))[0]["s_min"], rel=1e-5)
+            x[2] = 0
+            assert record["s_min"] != pytest.approx(task.predict_batch(torch.from_numpy(x[None]))[0]["s_min"], rel=1e-5)
 
 
 def test_views_reach_the_model_and_are_recorded(stills, crystal_model, tmp_path):

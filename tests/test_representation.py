@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from dials_diffnet.representation import (
     CRYSTAL_GRID,
@@ -6,6 +7,7 @@ from dials_diffnet.representation import (
     GridSpec,
     PanelGeometry,
     build_grid_map,
+    cell_snr,
     isolated_overloads,
     represent,
 )
@@ -143,3 +145,81 @@ def test_lone_overloads_are_hot_pixels_but_a_saturated_spot_is_not():
     assert img[20, 20] == hi and (20, 20) not in hot  # the saturated spot's peak stays signal
     assert hot == {(5, 5), (0, 39), (30, 10)}
     assert isolated_overloads(img, valid, 2 * hi)[0].size == 0  # nothing overloaded, nothing flagged
+
+
+def _reference_cell_snr(pixels, valid, grid_map):
+    """cell_snr() stated plainly in float64: each pixel's 3x3 box mean over the valid pixels of its
+    panel, then per cell the valid pixels' mean and variance and the best box mean."""
+    values, box_means, oks = [], [], []
+    for p, v in zip(pixels, valid):
+        with np.errstate(over="ignore"):
+            x = np.asarray(p, dtype=np.float32).astype(np.float64)
+        ok = np.asarray(v, bool) & np.isfinite(x)
+        x = np.where(ok, x, 0.0)
+        padded_x, padded_ok = np.pad(x, 1), np.pad(ok, 1).astype(np.float64)
+        n_rows, n_cols = x.shape
+        box_sum = sum(padded_x[1 + dr : 1 + dr + n_rows, 1 + dc : 1 + dc + n_cols] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+        box_n = sum(padded_ok[1 + dr : 1 + dr + n_rows, 1 + dc : 1 + dc + n_cols] for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+        values.append(x.ravel())
+        oks.append(ok.ravel())
+        box_means.append(np.where(ok, box_sum / np.maximum(box_n, 1), -np.inf).ravel())
+    x, ok, b = np.concatenate(values), np.concatenate(oks), np.concatenate(box_means)
+    cell_of_pixel = np.repeat(grid_map.run_cells, np.diff(np.r_[grid_map.run_starts, grid_map.n_pixels]))
+    out = []
+    for cell in grid_map.cells:
+        mine = (cell_of_pixel == cell) & ok
+        if not mine.any():
+            out.append(-np.inf)
+            continue
+        m, var = x[mine].mean(), x[mine].var()
+        out.append(3 * (b[mine].max() - m) / np.sqrt(max(var, m, 0.1)))
+    return np.array(out)
+
+
+def test_cell_snr_is_the_plain_statement_for_every_pixel_type():
+    two_panels = flat_detector(distance=900.0, n=120) + flat_detector(distance=700.0, n=120, beam_centre=(-20.0, 60.0))
+    gm = build_grid_map(two_panels, BEAM, GridSpec(size=32, s_max=0.1))
+    rng = np.random.default_rng(3)
+    shape = (120, 120)
+    for dtype in (np.int32, np.uint16, np.float32, np.float64):
+        pixels = []
+        for _ in two_panels:
+            p = rng.poisson(5.0, size=shape).astype(np.float64)
+            p[rng.random(shape) < 0.005] += 300  # spots
+            if np.dtype(dtype).kind == "f":
+                p[rng.random(shape) < 0.002] = np.nan
+                p[0, 1] = 1e39  # finite in float64, inf in float32: invalid, as in represent
+            pixels.append(p.astype(dtype))
+        valid = [rng.random(shape) > 0.05 for _ in two_panels]
+        valid[0][:, 40:45] = False  # a gap: box means beside it average fewer pixels
+        np.testing.assert_allclose(cell_snr(pixels, valid, gm), _reference_cell_snr(pixels, valid, gm), rtol=1e-5, atol=1e-5)
+        x2, x3 = represent(pixels, valid, gm), represent(pixels, valid, gm, planes=3)
+        assert np.array_equal(x3[:2], x2)  # the first two planes do not depend on the third
+        assert np.isfinite(x3).all() and not x3[2][x3[1] == 0].any()
+
+
+def test_snr_plane_finds_a_weak_spot_the_cell_maximum_loses():
+    """A 3x3 spot 8 photons a pixel above a Poisson(10) background: its brightest pixel is no
+    brighter than the background's brightest, but its box mean stands ~7 sigma out. Cells of ~100
+    pixels, as on a large detector (a Pilatus 6M puts ~200 in a cell of CRYSTAL_GRID)."""
+    panels = flat_detector()
+    gm = build_grid_map(panels, BEAM, GridSpec(size=64, s_max=0.8))
+    rng = np.random.default_rng(5)
+    img = rng.poisson(10.0, size=(400, 400)).astype(np.int32)
+    img[249:252, 299:302] += 8
+    x = represent([img], [np.ones_like(img, bool)], gm, planes=3)
+    spot_cell = np.unravel_index(np.argmax(x[2]), x[2].shape)
+    probe = np.zeros_like(img)
+    probe[250, 300] = 1
+    assert spot_cell == np.unravel_index(np.argmax(represent([probe], [np.ones_like(img, bool)], gm)[0]), x[0].shape)
+    assert (x[0] > x[0][spot_cell]).sum() > 10  # many background cells outshine it in the cell maximum
+    others = np.delete(x[2][x[1] > 0], np.argmax(x[2][x[1] > 0]))
+    assert x[2][spot_cell] > others.max() + 0.2
+
+
+def test_planes_must_be_two_or_three_and_a_detector_beyond_the_grid_gives_empty_planes():
+    gm = build_grid_map(flat_detector(n=40), BEAM, GridSpec(size=8, s_max=0.1))  # every pixel beyond |q| 0.1
+    x = represent([np.ones((40, 40))], [np.ones((40, 40), bool)], gm, planes=3)
+    assert x.shape == (3, 8, 8) and not x.any()
+    with pytest.raises(ValueError, match="2 or 3 planes"):
+        represent([np.ones((40, 40))], [np.ones((40, 40), bool)], gm, planes=4)

@@ -15,9 +15,10 @@ from dials_diffnet.train import crystal_loss, fit, initialise_from
 from dials_diffnet.weights import load_model, save_model
 
 
-def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compressed=False):
+def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compressed=False, planes=2):
     """Shards whose answer is visible: a bright ring at radius s_min (grid edge = 0.8 1/A) on hits,
-    40 bright isolated pixels on multi-lattice images, noise everywhere, a validity disk."""
+    40 bright isolated pixels on multi-lattice images, noise everywhere, a validity disk.
+    planes=3 adds a third plane of noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     s_of_cell = np.hypot(yy, xx) / (size / 2) * 0.8
@@ -28,8 +29,9 @@ def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compr
         is_hit = rng.random(n) < 0.8
         is_multi = is_hit & (rng.random(n) < 0.5)
         s_min = np.where(is_hit, rng.uniform(0.25, 0.7, n), 0.0)
-        x = np.zeros((n, 2, size, size), np.float32)
+        x = np.zeros((n, planes, size, size), np.float32)
         x[:, 1] = valid
+        x[:, 2:] = rng.normal(0, 1, (n, planes - 2, size, size)) * valid
         for i in range(n):
             image = rng.normal(0, 0.3, (size, size))
             if is_hit[i]:
@@ -58,7 +60,7 @@ def make_toy_dataset(directory, n_images=64, size=256, n_shards=2, seed=0, compr
             np.savez_compressed(directory / name, **arrays)
         names.append(name)
     recipe = {"kind": "toy", "seed": seed, "labels": {"s_min": "ring radius in the toy grid"}}
-    write_index(directory, names, n * n_shards, recipe=recipe, grid=(size, 0.8))
+    write_index(directory, names, n * n_shards, recipe=recipe, grid=(size, 0.8), planes=planes)
     return directory
 
 
@@ -240,6 +242,28 @@ def test_initialising_from_a_trained_model_keeps_its_predictions(tmp_path):
     save_model(old, {"name": "spi", "task": "spi_multi", "architecture": arch}, tmp_path / "spi.safetensors")
     with pytest.raises(ValueError, match="not a crystal model"):
         initialise_from(new, tmp_path / "spi.safetensors")
+
+
+def test_a_model_given_the_snr_plane_reads_three_plane_sets_and_starts_from_the_old_predictions(tmp_path):
+    torch.manual_seed(2)
+    three = make_toy_dataset(tmp_path / "three", n_images=8, size=64, planes=3)
+    two_of_three, all_three = ShardDataset(three), ShardDataset(three, planes=3)
+    assert two_of_three[0][0].shape == (2, 64, 64) and all_three[0][0].shape == (3, 64, 64)
+    assert torch.equal(two_of_three[5][0], all_three[5][0][:2])  # a 2-plane model reads the leading planes
+    with pytest.raises(DatasetError, match="holds 2 representation planes; this model reads 3"):
+        ShardDataset(make_toy_dataset(tmp_path / "two", n_images=4, size=64), planes=3)
+    old, _ = _saved_width4_model(tmp_path / "old.safetensors", radius_channel=True)
+    new = CrystalNet(18, 4, in_channels=3, radius_channel=True)
+    initialise_from(new, tmp_path / "old.safetensors")
+    x = torch.stack([all_three[i][0].float() for i in range(4)])
+    with torch.no_grad():
+        before, after = old(x[:, :2]), new.eval()(x)
+    for name in CrystalNet.OUTPUTS:
+        torch.testing.assert_close(after[name], before[name])
+    stem, old_stem = new.backbone.stem[0].weight, old.backbone.stem[0].weight
+    torch.testing.assert_close(stem[:, 2], old_stem[:, 2])  # the radius plane keeps its place and weights
+    new.train()(x)["s_min"].sum().backward()
+    assert stem.grad[:, 3].abs().sum() > 0  # the SNR plane (input 3, zero weight so far) learns
 
 
 def test_a_wider_model_initialised_from_a_narrow_one_starts_with_its_predictions_and_learns(tmp_path):

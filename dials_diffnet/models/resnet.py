@@ -2,13 +2,16 @@
 
 Depth 18/34 use basic blocks, 50 bottleneck blocks; `width` is the channel
 count of the first stage (64 in the paper) so a compact model can serve
-CPU-only sites. Input: N_CHANNELS planes (intensity, validity) of a square grid.
+CPU-only sites. Input: the representation's planes (intensity, validity and
+optionally cell signal-to-noise) of a square grid.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from dials_diffnet.representation import N_CHANNELS
 
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
 
@@ -122,7 +125,9 @@ class CrystalNet(nn.Module):
 
     def forward(self, x):
         if self.radius_channel:
-            x = torch.cat([x, radius_plane(x)], dim=1)
+            # after the two planes every model reads, before any later one: a model grown with a new
+            # data plane keeps its predecessor's input order (train.initialise_from copies leading channels)
+            x = torch.cat([x[:, :N_CHANNELS], radius_plane(x), x[:, N_CHANNELS:]], dim=1)
         out = self.head(self.backbone(x))
         # Softplus keeps 1/d positive; blank images are judged by the hit head, not here.
         return {

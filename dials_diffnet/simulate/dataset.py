@@ -20,7 +20,7 @@ import numpy as np
 
 from dials_diffnet.datasets import LABELS
 from dials_diffnet.datasets import write_shard as save_shard_arrays
-from dials_diffnet.representation import CRYSTAL_GRID, REPRESENTATION_VERSION, represent
+from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, REPRESENTATION_VERSION, represent
 from dials_diffnet.simulate.stills import LABEL_DEFINITIONS, DetectorFrame, Recipe, render, sample_geometry, sample_shot
 
 SEED_STRIDE = 1_000_000
@@ -46,11 +46,12 @@ def iter_shots(dataset_seed: int, indices, recipe: Recipe, noise=True):
         yield i, shot, render(shot, frame, noise=noise)
 
 
-def write_index(out_dir, dataset_seed, n_images, recipe, shard_size, extra=None):
+def write_index(out_dir, dataset_seed, n_images, recipe, shard_size, extra=None, planes=N_CHANNELS):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {
         "representation_version": REPRESENTATION_VERSION,
+        "planes": planes,
         "grid": [CRYSTAL_GRID.size, CRYSTAL_GRID.s_max],
         "seed": dataset_seed,
         "n_images": n_images,
@@ -64,7 +65,7 @@ def write_index(out_dir, dataset_seed, n_images, recipe, shard_size, extra=None)
     return index
 
 
-def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size):
+def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size, planes=N_CHANNELS):
     """Simulate and store one shard (skipped if already there: generation can resume)."""
     path = pathlib.Path(out_dir) / f"shard_{shard_index:05d}.npz"
     if path.exists():
@@ -72,7 +73,7 @@ def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size
     indices = range(shard_index * shard_size, min((shard_index + 1) * shard_size, n_images))
     xs, labels = [], {k: [] for k in LABELS}
     for i, shot, image in iter_shots(dataset_seed, indices, recipe):
-        xs.append(represent(image.pixels, image.valid, image.frame.grid_map).astype(np.float16))
+        xs.append(represent(image.pixels, image.valid, image.frame.grid_map, planes).astype(np.float16))
         row = {**image.labels, "detector": shot.detector, "seed": shot.seed}
         for k in LABELS:
             labels[k].append(row[k])
@@ -80,12 +81,17 @@ def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size
     return path
 
 
-def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, worker=0, n_workers=1, log=print):
-    write_index(out_dir, dataset_seed, n_images, recipe, shard_size)
+def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, worker=0, n_workers=1, log=print,
+                    planes=N_CHANNELS):
+    existing = pathlib.Path(out_dir) / "index.json"
+    if existing.is_file() and json.loads(existing.read_text()).get("planes", N_CHANNELS) != planes:
+        # resuming would mix shards of two representations in one dataset
+        raise ValueError(f"{out_dir} holds shards of another number of planes; use a new output.directory")
+    write_index(out_dir, dataset_seed, n_images, recipe, shard_size, planes=planes)
     n_shards = (n_images + shard_size - 1) // shard_size
     t0 = time.time()
     for k in range(worker, n_shards, n_workers):
-        write_shard(out_dir, dataset_seed, k, n_images, recipe, shard_size)
+        write_shard(out_dir, dataset_seed, k, n_images, recipe, shard_size, planes)
         log(f"shard {k + 1}/{n_shards} done ({time.time() - t0:.0f} s)")
 
 

@@ -27,7 +27,7 @@ from dials.util import Sorry
 from dials_diffnet.images import RawImage, iter_image_refs, read_image
 from dials_diffnet.models.grids import Coarsened, coarsening_factor
 from dials_diffnet.models.views import ViewAveraged
-from dials_diffnet.representation import GridSpec, cached_grid_map, represent
+from dials_diffnet.representation import N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels
 from dials_diffnet.spi.fewshot import FewShotClassifier
@@ -104,6 +104,7 @@ def _on_task_grid(model, card: dict, weights_path):
 class SpiTask:
     name = "spi"
     grid = SPI_GRID
+    planes = N_CHANNELS
 
     def __init__(self, reference=None, device="cpu", multi_path=None, twin_path=None, method="prototype",
                  views=8):
