@@ -141,7 +141,9 @@ def make_task(name: str, params, device: str) -> Task:
     if name == "crystal":
         from dials_diffnet.weights import shipped_path
 
-        path = params.model.crystal or shipped_path("crystal")
+        if params.model.crystal is not None and params.model.fast:
+            raise Sorry("model.fast=True picks a shipped model; leave it out when giving model.crystal=")
+        path = params.model.crystal or shipped_path("crystal_fast" if params.model.fast else "crystal")
         if params.model.crystal is None and not path.is_file():
             raise Sorry(f"the shipped crystal model ({path}) is not installed; pass model.crystal=<file.safetensors>")
         return CrystalTask(path, torch_device, views)

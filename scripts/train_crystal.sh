@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seeds 1-4, 7-9), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
-# training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the model card.
+# training shards (seeds 1-4, 7-9, 11), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the
+# model cards of both shipped crystal models: crystal (stage 7) and crystal_fast (stage 6, no signal-to-noise plane).
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
@@ -9,7 +10,8 @@
 # STAGE3_EPOCHS (default 4: stage 3, on seeds 1, 2 and 3; 0: skip it),
 # STAGE4_EPOCHS (default 4: stage 4, on seed 4, whose stills add the Eiger 16M; 0: skip it),
 # STAGE5_EPOCHS (default 4: stage 5, on seed 7 with the hit term weighted 4; 0: skip it),
-# STAGE6_EPOCHS (default 4: stage 6, on seeds 8 and 9, hit term weighted 4; 0: skip it).
+# STAGE6_EPOCHS (default 4: stage 6, on seeds 8 and 9, hit term weighted 4; 0: skip it),
+# STAGE7_EPOCHS (default 6: stage 7, the signal-to-noise plane added, on seed 11; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -35,9 +37,14 @@ for seed in 7 8 9; do
     recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
     output.directory=train_s$seed output.log=simulate_train$seed.log
 done
-diffnet.simulate format=shards n_images=1024 seed=101 shard_size=128 recipe.images_per_geometry=16 \
+# Seed 11 (session 16): the same recipe, stored with the third, signal-to-noise plane (planes=3) for stage 7.
+diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=11 nproc=2 shard_size=128 planes=3 \
+  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+  output.directory=train_s11 output.log=simulate_train11.log
+# Test sets with all three planes: 2-plane models read the first two.
+diffnet.simulate format=shards n_images=1024 seed=101 nproc=2 shard_size=128 planes=3 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
-diffnet.simulate format=shards n_images=512 seed=102 shard_size=128 recipe.images_per_geometry=16 \
+diffnet.simulate format=shards n_images=512 seed=102 nproc=2 shard_size=128 planes=3 recipe.images_per_geometry=16 \
   recipe.detectors=eiger4m recipe.wavelength=0.6,2.0 output.directory=test_s102_eiger4m output.log=simulate_test102.log
 
 # Stage 1 (shipped as 0.3.0): no radius plane, seed-1 images only.
@@ -69,23 +76,28 @@ next_stage 3 "${STAGE3_EPOCHS:-4}" 5e-4 train_s1 train_s2 train_s3
 next_stage 4 "${STAGE4_EPOCHS:-4}" 5e-4 train_s4
 # Stage 5 (0.7.0): 4 more epochs on seed 7, the hit term weighted 4 against resolution.
 next_stage 5 "${STAGE5_EPOCHS:-4}" 5e-4 train_s7 loss.hit_weight=4
-# Stage 6 (0.8.0): 4 more epochs on seeds 8 and 9 together, the same loss.
+# Stage 6 (0.8.0, shipped as crystal_fast): 4 more epochs on seeds 8 and 9 together, the same loss.
 next_stage 6 "${STAGE6_EPOCHS:-4}" 5e-4 train_s8 train_s9 loss.hit_weight=4
+cp crystal.safetensors crystal_fast.safetensors && cp crystal.json crystal_fast.json
+# Stage 7 (0.9.0): the stage-6 model given the signal-to-noise plane (zero weight at the start), 6 epochs on seed 11.
+next_stage 7 "${STAGE7_EPOCHS:-6}" 5e-4 train_s11 model.planes=3 loss.hit_weight=4
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
-for test in test_s101 test_s102_eiger4m; do
-  for views in 1 2 8; do
-    diffnet.evaluate $test model.crystal=crystal.safetensors views=$views output.json=evaluate_${test}_views$views.json \
-      output.log=evaluate_${test}_views$views.log
-    python - "$test" "$views" <<'PY'
+for model in crystal crystal_fast; do
+  for test in test_s101 test_s102_eiger4m; do
+    for views in 1 2 8; do
+      diffnet.evaluate $test model.crystal=$model.safetensors views=$views output.json=evaluate_${model}_${test}_views$views.json \
+        output.log=evaluate_${model}_${test}_views$views.log
+      python - "$model" "$test" "$views" <<'PY'
 import json, sys
 from dials_diffnet.weights import attach_evaluation
-test, views = sys.argv[1:]
-metrics = json.load(open(f"evaluate_{test}_views{views}.json"))
-command = f"diffnet.evaluate {test} model.crystal=crystal.safetensors views={views}  (data: scripts/train_crystal.sh)"
-attach_evaluation("crystal.safetensors", f"{test} views={views}", command, metrics)
+model, test, views = sys.argv[1:]
+metrics = json.load(open(f"evaluate_{model}_{test}_views{views}.json"))
+command = f"diffnet.evaluate {test} model.crystal={model}.safetensors views={views}  (data: scripts/train_crystal.sh)"
+attach_evaluation(f"{model}.safetensors", f"{test} views={views}", command, metrics)
 PY
+    done
   done
+  cp $model.safetensors $model.json "$repo/dials_diffnet/weights/"
 done
-cp crystal.safetensors crystal.json "$repo/dials_diffnet/weights/"
-echo "Installed $out/crystal.safetensors into dials_diffnet/weights/"
+echo "Installed $out/crystal.* and $out/crystal_fast.* into dials_diffnet/weights/"

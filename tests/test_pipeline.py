@@ -56,8 +56,8 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
 def test_shipped_models_judge_simulated_shots(ssx_run):
     """Blanks are dropped and predicted d_min is near the label of the hits kept.
 
-    On held-out data (seed 101, docs/training.md) crystal 0.8.0 calls none of 116 empty shots hits but
-    18 % of crystals with too few spots for a hit, so one non-hit of this run may be called a hit;
+    On held-out data (seed 101, docs/training.md) crystal 0.9.0 calls none of 116 empty shots hits but
+    13 % of crystals with too few spots for a hit, so one non-hit of this run may be called a hit;
     two would be far outside that rate."""
     records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
     blanks_called_hits = []
@@ -70,6 +70,23 @@ def test_shipped_models_judge_simulated_shots(ssx_run):
         if not labels["edge_limited"] and r["p_hit"] >= 0.5:
             assert abs(r["d_min"] - labels["d_min"]) / labels["d_min"] < 0.3, (r["path"], r["d_min"], labels["d_min"])
     assert len(blanks_called_hits) <= 1, blanks_called_hits
+
+
+def test_model_fast_picks_the_shipped_two_plane_model(ssx_run):
+    """model.fast=True swaps in crystal_fast (0.8.0, no signal-to-noise plane); the judgements differ
+    but agree on what is a hit here, where every hit is strong or absent."""
+    run("diffnet.predict", "images/imported.expt", "model.fast=True", "output.json=fast.json", "output.experiments=None",
+        "output.table=None", cwd=ssx_run)
+    default, fast = (json.loads((ssx_run / name).read_text()) for name in ("diffnet.json", "fast.json"))
+    assert default["models"]["crystal"]["planes"] == 3 and default["models"]["crystal"]["version"].startswith("0.9.0")
+    assert fast["models"]["crystal"]["planes"] == 2 and fast["models"]["crystal"]["version"].startswith("0.8.0")
+    pairs = list(zip(default["records"], fast["records"]))
+    assert all(a["path"] == b["path"] for a, b in pairs) and any(a["s_min"] != b["s_min"] for a, b in pairs)
+    assert sum((a["p_hit"] >= 0.5) != (b["p_hit"] >= 0.5) for a, b in pairs) <= 1
+    refused = subprocess.run(["diffnet.predict", "images/imported.expt", "model.fast=True",
+                              f"model.crystal={shipped_path('crystal')}"], cwd=ssx_run, capture_output=True, text=True)
+    assert refused.returncode != 0 and "Sorry: model.fast=True picks a shipped model" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_dials_indexes_the_kept_stills(ssx_run):
