@@ -250,8 +250,8 @@ def _box3(a: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def _per_cell(values: np.ndarray, ufunc, grid_map: GridMap, run_dtype=None, cell_dtype=None) -> np.ndarray:
     """ufunc-reduction of flat per-pixel values per occupied cell (grid_map.cells order): over each
-    run in `run_dtype` (a run is at most a row of a cell: float32 sums stay exact enough and are
-    twice as fast as float64), then over each cell's runs in `cell_dtype`."""
+    run in `run_dtype` (a run holds at most one cell's pixels: float32 sums of them stay well within
+    the plane's precision and take half float64's time), then over each cell's runs in `cell_dtype`."""
     per_run = ufunc.reduceat(values, grid_map.run_starts, dtype=run_dtype)
     return ufunc.reduceat(per_run[grid_map.run_order], grid_map.starts, dtype=cell_dtype)
 

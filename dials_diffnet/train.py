@@ -29,7 +29,7 @@ from dials_diffnet import evaluate
 from dials_diffnet.datasets import ShardDataset, ShardSampler, split_indices
 from dials_diffnet.models import build
 from dials_diffnet.models.resnet import CrystalNet
-from dials_diffnet.representation import REPRESENTATION_VERSION
+from dials_diffnet.representation import PLANE_NAMES, REPRESENTATION_VERSION
 from dials_diffnet.weights import load_model, save_model, sha256
 
 logger = logging.getLogger("dials.diffnet.train")
@@ -298,6 +298,7 @@ def train_crystal(params) -> dict:
         "task": "crystal",
         "architecture": architecture,
         "representation_version": REPRESENTATION_VERSION,
+        "input_planes": list(PLANE_NAMES[: params.model.planes]),  # representation.represent(..., planes)
         "grid": list(data.grid),
         "outputs": {
             "s_min": "predicted resolution as 1/d (1/Angstrom); d_min = 1/s_min",

@@ -183,6 +183,7 @@ def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, m
     assert card["validation"]["resolution"]["pearson_r_inv_d"] > 0.8
     assert card["validation"]["hit"]["accuracy"] > 0.8
     assert card["architecture"] == {"class": "CrystalNet", "depth": 18, "width": 8, "in_channels": 2, "radius_channel": False}
+    assert card["input_planes"] == ["log_max", "valid"]
     assert card["labels"] == {"s_min": "ring radius in the toy grid"}  # taken from the dataset recipe
     assert card["training"]["data"][0]["recipe"]["seed"] == 2 and card["training"]["seed"] == 1
     assert card["training"]["wall_time_s"] > 0 and card["training"]["device"].startswith("cpu")
