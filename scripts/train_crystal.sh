@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seeds 1-4, 7-9, 11), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training shards (seeds 1-4, 7-9, 11, 12), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
 # training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the
-# model cards of both shipped crystal models: crystal (stage 7) and crystal_fast (stage 6, no signal-to-noise plane).
+# model cards of both shipped crystal models: crystal (stage 8) and crystal_fast (stage 6, no signal-to-noise plane).
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
@@ -11,7 +11,8 @@
 # STAGE4_EPOCHS (default 4: stage 4, on seed 4, whose stills add the Eiger 16M; 0: skip it),
 # STAGE5_EPOCHS (default 4: stage 5, on seed 7 with the hit term weighted 4; 0: skip it),
 # STAGE6_EPOCHS (default 4: stage 6, on seeds 8 and 9, hit term weighted 4; 0: skip it),
-# STAGE7_EPOCHS (default 6: stage 7, the signal-to-noise plane added, on seed 11; 0: skip it).
+# STAGE7_EPOCHS (default 6: stage 7, the signal-to-noise plane added, on seed 11; 0: skip it),
+# STAGE8_EPOCHS (default 6: stage 8, on seeds 11 and 12; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -37,10 +38,12 @@ for seed in 7 8 9; do
     recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
     output.directory=train_s$seed output.log=simulate_train$seed.log
 done
-# Seed 11 (session 16): the same recipe, stored with the third, signal-to-noise plane (planes=3) for stage 7.
-diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=11 nproc=2 shard_size=128 planes=3 \
-  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-  output.directory=train_s11 output.log=simulate_train11.log
+# Seeds 11 and 12 (session 16): the same recipe, stored with the third, signal-to-noise plane (planes=3).
+for seed in 11 12; do
+  diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 planes=3 \
+    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+    output.directory=train_s$seed output.log=simulate_train$seed.log
+done
 # Test sets with all three planes: 2-plane models read the first two.
 diffnet.simulate format=shards n_images=1024 seed=101 nproc=2 shard_size=128 planes=3 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
@@ -81,6 +84,8 @@ next_stage 6 "${STAGE6_EPOCHS:-4}" 5e-4 train_s8 train_s9 loss.hit_weight=4
 cp crystal.safetensors crystal_fast.safetensors && cp crystal.json crystal_fast.json
 # Stage 7 (0.9.0): the stage-6 model given the signal-to-noise plane (zero weight at the start), 6 epochs on seed 11.
 next_stage 7 "${STAGE7_EPOCHS:-6}" 5e-4 train_s11 model.planes=3 loss.hit_weight=4
+# Stage 8 (0.10.0): 6 more epochs on seeds 11 and 12 together.
+next_stage 8 "${STAGE8_EPOCHS:-6}" 5e-4 train_s11 train_s12 model.planes=3 loss.hit_weight=4
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for model in crystal crystal_fast; do
