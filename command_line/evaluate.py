@@ -60,8 +60,7 @@ def run(args=None, phil=working_phil):
     from dials_diffnet.datasets import DatasetError, ShardDataset
     from dials_diffnet.inference import resolve_views
     from dials_diffnet.models.views import ViewAveraged
-    from dials_diffnet.representation import N_CHANNELS
-    from dials_diffnet.weights import WeightError, load_model, shipped_path
+    from dials_diffnet.weights import WeightError, card_planes, load_model, shipped_path
 
     weights = params.model.crystal or shipped_path("crystal")
     views = resolve_views(params.views, "crystal")
@@ -70,7 +69,7 @@ def run(args=None, phil=working_phil):
             torch.set_num_threads(params.threads)
         device = evaluate.resolve_device(params.device)
         model, card = load_model(weights, device)
-        dataset = ShardDataset(params.data, planes=card["architecture"].get("in_channels", N_CHANNELS))
+        dataset = ShardDataset(params.data, planes=card_planes(card))
         if list(dataset.grid) != card.get("grid", list(dataset.grid)):
             raise Sorry(f"dataset grid {list(dataset.grid)} differs from the model's {card['grid']}")
         metrics, _ = evaluate.evaluate_crystal(ViewAveraged(model, views), dataset, device, params.batch_size,

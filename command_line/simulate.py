@@ -9,7 +9,7 @@ import sys
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 
-from dials_diffnet.simulate.dataset import generate_shards, write_images
+from dials_diffnet.simulate.dataset import check_resumable, generate_shards, write_images
 from dials_diffnet.simulate.detectors import DETECTORS, pilatus_model
 from dials_diffnet.simulate.stills import Recipe
 from dials_diffnet.util import load_phil
@@ -78,13 +78,14 @@ def run(args=None, phil=phil_scope):
     jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc, params.planes)
             for w in range(params.nproc)]
     try:
-        if params.nproc == 1:
-            _shard_worker(jobs[0])
-        else:
-            with multiprocessing.get_context("spawn").Pool(params.nproc) as pool:
-                pool.map(_shard_worker, jobs)
+        check_resumable(out, params.planes)
     except ValueError as e:
         raise Sorry(str(e)) from None
+    if params.nproc == 1:
+        _shard_worker(jobs[0])
+    else:
+        with multiprocessing.get_context("spawn").Pool(params.nproc) as pool:
+            pool.map(_shard_worker, jobs)
     logger.info("Wrote %d images as shards to %s", params.n_images, out)
 
 

@@ -32,7 +32,7 @@ from dials_diffnet.models.views import ViewAveraged, check_view_count
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
 from dials_diffnet.util import one_line
-from dials_diffnet.weights import WeightError, load_model
+from dials_diffnet.weights import WeightError, card_planes, load_model
 
 logger = logging.getLogger("dials.diffnet.inference")
 
@@ -102,7 +102,7 @@ class CrystalTask:
         model, card = load_task_model(weights_path, self.device)
         # channels-last convolutions run ~1.5x faster on CPU (oneDNN) and use tensor cores on GPU
         self.model = ViewAveraged(model.to(memory_format=torch.channels_last), views)
-        self.planes = card["architecture"].get("in_channels", N_CHANNELS)
+        self.planes = card_planes(card)
         self.models = {"crystal": dict(card_summary(card), views=views, planes=self.planes)}
 
     def predict_batch(self, x: torch.Tensor) -> list[dict]:

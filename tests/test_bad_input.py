@@ -175,6 +175,15 @@ def test_tampered_and_missing_weights(in_tmp, other_stills, crystal_model):  # n
         assert_sorry(predict_run, [expt], "not installed")
 
 
+def test_simulate_refuses_to_resume_shards_of_other_planes(in_tmp):
+    common = ["format=shards", "n_images=1", "shard_size=1", "output.directory=sets", "output.log=None"]
+    simulate_run([*common, "planes=2"])
+    before = (in_tmp / "sets" / "shard_00000.npz").read_bytes()
+    assert_sorry(simulate_run, [*common, "planes=3"], "holds shards of another number of planes")
+    assert (in_tmp / "sets" / "shard_00000.npz").read_bytes() == before
+    assert json.loads((in_tmp / "sets" / "index.json").read_text())["planes"] == 2
+
+
 def test_spi_missing_reference_set(in_tmp, other_stills):
     expt, _ = other_stills
     assert_sorry(predict_run, [expt, "task=spi", "spi.reference=no_such_support.cxi"], "does not exist")

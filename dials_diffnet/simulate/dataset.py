@@ -81,12 +81,17 @@ def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size
     return path
 
 
-def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, worker=0, n_workers=1, log=print,
-                    planes=N_CHANNELS):
+def check_resumable(out_dir, planes=N_CHANNELS):
+    """ValueError if out_dir already holds shards of another number of planes: resuming would mix
+    shards of two representations in one dataset."""
     existing = pathlib.Path(out_dir) / "index.json"
     if existing.is_file() and json.loads(existing.read_text()).get("planes", N_CHANNELS) != planes:
-        # resuming would mix shards of two representations in one dataset
         raise ValueError(f"{out_dir} holds shards of another number of planes; use a new output.directory")
+
+
+def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, worker=0, n_workers=1, log=print,
+                    planes=N_CHANNELS):
+    check_resumable(out_dir, planes)
     write_index(out_dir, dataset_seed, n_images, recipe, shard_size, planes=planes)
     n_shards = (n_images + shard_size - 1) // shard_size
     t0 = time.time()

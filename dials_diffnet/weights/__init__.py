@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dials_diffnet.models import build
-from dials_diffnet.representation import REPRESENTATION_VERSION
+from dials_diffnet.representation import N_CHANNELS, REPRESENTATION_VERSION
 
 SHIPPED_DIR = pathlib.Path(__file__).resolve().parent
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -92,6 +92,11 @@ def attach_evaluation(weights_path, name: str, command: str, metrics: dict) -> d
     card.setdefault("evaluation", {})[name] = {"command": command, "metrics": metrics}
     _atomic_write_text(cpath, json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
+
+
+def card_planes(card: dict) -> int:
+    """Representation planes a model reads (`representation.represent(..., planes)`): its input channels."""
+    return card["architecture"].get("in_channels", N_CHANNELS)
 
 
 def shipped_path(name: str) -> pathlib.Path:
