@@ -32,6 +32,9 @@ DETECTABLE_SPOT_BINS = (0, 5, 10, 15, 20, 30, 50, 100, np.inf)
 # Hits are split into this many strata of similar detectable-spot count to judge multi-lattice calls.
 MULTI_SPOT_STRATA = 10
 DIALS_MIN_SPOTS_FOR_HIT = 10  # what dials.ssx_index needs to try indexing
+# diffnet.filter min_p_hit values worth knowing the cost of: the default and the lower bars docs/commands.md
+# weighs (0.1 was chosen on a validation split, session 16), most permissive last.
+HIT_OPERATING_POINTS = (0.5, 0.3, 0.2, 0.1)
 
 
 # ---------------------------------------------------------------- metric functions
@@ -80,6 +83,25 @@ def binary_metrics(probability, truth, threshold=0.5) -> dict:
         "roc_auc": roc_auc(probability, truth),
         "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
     }
+
+
+def hit_operating_points(p_hit, is_hit, has_crystal, thresholds=HIT_OPERATING_POINTS) -> list:
+    """What each diffnet.filter min_p_hit keeps: hits, shots with no crystal, crystals with too few
+    spots for a hit; and the accuracy of hit vs no crystal and of hit vs non-hit at that bar."""
+    p_hit, is_hit, has_crystal = np.asarray(p_hit), np.asarray(is_hit, bool), np.asarray(has_crystal, bool)
+    empty, near_miss = ~has_crystal, has_crystal & ~is_hit
+
+    def share(mask, kept):
+        return _ratio(kept[mask].sum(), mask.sum())
+
+    rows = []
+    for threshold in thresholds:
+        kept = p_hit >= threshold
+        rows.append({"min_p_hit": threshold, "hits_kept": share(is_hit, kept), "empty_kept": share(empty, kept),
+                     "near_misses_kept": share(near_miss, kept),
+                     "hit_vs_empty_accuracy": share(is_hit | empty, kept == is_hit),
+                     "hit_accuracy": _ratio((kept == is_hit).sum(), len(is_hit))})
+    return rows
 
 
 def resolution_metrics(s_pred, s_true) -> dict:
@@ -145,6 +167,7 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
         near_miss = crystal & ~hit
         metrics["hit_near_misses"] = {"n": int(near_miss.sum()),
                                       "fraction_called_hit": float(called[near_miss].mean()) if near_miss.any() else None}
+        metrics["hit_operating_points"] = hit_operating_points(predictions["p_hit"], hit, crystal)
         n_detectable = np.asarray(labels.get("n_detectable", np.full(len(hit), -1)))
         counts_stored = (n_detectable[crystal] >= 0).all()  # shards written before the count was stored lack it
         if counts_stored:
@@ -493,6 +516,12 @@ def format_tables(metrics: dict) -> str:
         text += "\n\nShots with a crystal called hits, by detectable spots (a hit has >= 10)\n" + tabulate(
             [[_bin_label(b), b["n"], f(b["fraction_called_hit"])] for b in metrics["hit_called_by_detectable_spots"]],
             headers=["detectable spots", "n", "called hit"],
+        )
+    if metrics.get("hit_operating_points"):
+        text += "\n\nWhat diffnet.filter min_p_hit keeps (empty: no crystal; near miss: a crystal with < 10 spots)\n" + tabulate(
+            [[b["min_p_hit"], f(b["hits_kept"]), f(b["empty_kept"]), f(b["near_misses_kept"]),
+              f(b["hit_vs_empty_accuracy"], ".4f"), f(b["hit_accuracy"], ".4f")] for b in metrics["hit_operating_points"]],
+            headers=["min_p_hit", "hits kept", "empty kept", "near misses kept", "hit vs empty acc", "hit vs non-hit acc"],
         )
     for key, title in (("accuracy_by_misorientation_deg", "misorientation (deg)"), ("accuracy_by_minority_share", "minority share")):
         bins = multi.get(key)

@@ -106,6 +106,21 @@ def test_crystal_metrics_use_the_right_images():
     assert by_spots == {(0, 7, 0.0), (10, 3, 1.0), (15, 4, 1.0), (20, 8, 1.0), (30, 15, 1.0), (50, 12, 1.0)}
 
 
+def test_hit_operating_points_count_what_each_filter_bar_keeps():
+    # 4 hits, 3 shots without a crystal, 2 crystals with too few spots
+    is_hit = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0], bool)
+    has_crystal = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1], bool)
+    p_hit = np.array([0.9, 0.6, 0.25, 0.15, 0.12, 0.05, 0.0, 0.4, 0.05])
+    rows = {r["min_p_hit"]: r for r in evaluate.hit_operating_points(p_hit, is_hit, has_crystal)}
+    assert list(rows) == list(evaluate.HIT_OPERATING_POINTS)
+    assert rows[0.5] == {"min_p_hit": 0.5, "hits_kept": 0.5, "empty_kept": 0.0, "near_misses_kept": 0.0,
+                         "hit_vs_empty_accuracy": 5 / 7, "hit_accuracy": 7 / 9}
+    assert rows[0.2]["hits_kept"] == 0.75 and rows[0.2]["near_misses_kept"] == 0.5
+    # the lowest bar keeps every hit, one empty shot and the bright near miss
+    assert rows[0.1] == {"min_p_hit": 0.1, "hits_kept": 1.0, "empty_kept": 1 / 3, "near_misses_kept": 0.5,
+                         "hit_vs_empty_accuracy": 6 / 7, "hit_accuracy": 7 / 9}
+
+
 def test_spot_count_controls_tell_counting_spots_from_seeing_lattices():
     rng = np.random.default_rng(5)
     n_detectable = rng.integers(10, 1000, 4000)
@@ -132,7 +147,7 @@ def test_tables_print_the_same_from_metrics_and_from_a_model_card():
     m = evaluate.crystal_metrics({"s_min": labels["s_min"], "p_multi": labels["is_multi"] * 0.8, "p_hit": hit * 0.9}, labels)
     text = evaluate.format_tables(m)
     assert text == evaluate.format_tables(json.loads(json.dumps(evaluate.json_safe(m))))
-    assert "100+" in text and "30-50" in text and "spot-count control" in text
+    assert "100+" in text and "30-50" in text and "spot-count control" in text and "min_p_hit" in text
 
 
 def test_shards_written_before_the_spot_count_was_stored_still_load(tmp_path):
