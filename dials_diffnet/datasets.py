@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import zipfile
 from dataclasses import dataclass
@@ -275,7 +276,9 @@ def write_shard(path, x: np.ndarray, labels: dict):
     tmp.replace(path)
 
 
-def write_index(directory, shards, n_images, recipe=None, grid=(256, 0.8), planes=N_CHANNELS):
+def write_index(directory, shards, n_images, recipe=None, grid=(256, 0.8), planes=N_CHANNELS, **fields) -> dict:
+    """index.json of a shard directory: what ShardDataset reads, and any further `fields` (seeds, label
+    definitions, ...) the writer wants kept with the data."""
     index = {
         "representation_version": REPRESENTATION_VERSION,
         "planes": planes,
@@ -283,8 +286,18 @@ def write_index(directory, shards, n_images, recipe=None, grid=(256, 0.8), plane
         "shards": list(shards),
         "recipe": recipe or {},
         "n_images": int(n_images),
+        **fields,
     }
-    path = pathlib.Path(directory) / "index.json"
-    tmp = path.with_name("index.json.tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(path)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / "index.json", (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def atomic_write(path, data: bytes):
+    """Readers never see half a file. The temporary name is this process's own: the shard workers of one
+    data set all write its index.json, and with a shared name one worker's rename took another's file away."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import time
 
 import numpy as np
 
+from dials_diffnet import datasets
 from dials_diffnet.datasets import LABELS
 from dials_diffnet.datasets import write_shard as save_shard_arrays
-from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, REPRESENTATION_VERSION, represent
+from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, represent
 from dials_diffnet.simulate.stills import LABEL_DEFINITIONS, DetectorFrame, Recipe, render, sample_geometry, sample_shot
 
 SEED_STRIDE = 1_000_000
@@ -47,22 +47,10 @@ def iter_shots(dataset_seed: int, indices, recipe: Recipe, noise=True):
 
 
 def write_index(out_dir, dataset_seed, n_images, recipe, shard_size, extra=None, planes=N_CHANNELS):
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index = {
-        "representation_version": REPRESENTATION_VERSION,
-        "planes": planes,
-        "grid": [CRYSTAL_GRID.size, CRYSTAL_GRID.s_max],
-        "seed": dataset_seed,
-        "n_images": n_images,
-        "shard_size": shard_size,
-        "shards": [f"shard_{k:05d}.npz" for k in range(-(-n_images // shard_size))] if shard_size else [],
-        "recipe": dataclasses.asdict(recipe),
-        "label_definitions": LABEL_DEFINITIONS,
-        **(extra or {}),
-    }
-    _atomic_write(out_dir / "index.json", json.dumps(index, indent=1).encode())
-    return index
+    shards = [f"shard_{k:05d}.npz" for k in range(-(-n_images // shard_size))] if shard_size else []
+    return datasets.write_index(out_dir, shards, n_images, dataclasses.asdict(recipe), (CRYSTAL_GRID.size, CRYSTAL_GRID.s_max),
+                                planes, seed=dataset_seed, shard_size=shard_size, label_definitions=LABEL_DEFINITIONS,
+                                **(extra or {}))
 
 
 def write_shard(out_dir, dataset_seed, shard_index, n_images, recipe, shard_size, planes=N_CHANNELS):
@@ -127,17 +115,10 @@ def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0
             write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=integer, compress=compress)
         record = {"image": f"{stem.name}.cbf", "seed": shot.seed, "dataset_seed": dataset_seed, "index": i,
                   "params": shot.to_json(), "labels": image.labels}
-        _atomic_write(pathlib.Path(f"{stem}.json"), json.dumps(record, indent=1).encode())
+        datasets.atomic_write(f"{stem}.json", json.dumps(record, indent=1).encode())
         paths.append(f"{stem}.cbf")
     return paths
 
 
 def read_image_labels(cbf_path) -> dict:
     return json.loads(pathlib.Path(cbf_path).with_suffix(".json").read_text())
-
-
-def _atomic_write(path: pathlib.Path, data: bytes):
-    # a temporary name of this process's own: the shard workers of one data set all write its index.json
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
