@@ -23,5 +23,15 @@ cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_060.safetensors"
 cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_060.json"
 $PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
     --init "$OUT/spi_multi_060.safetensors" --train-per-class 150 --epochs 12 --lr 1e-3 --warmup 0.05
+# spi_multi 0.8.0: 0.7.0 trained on twice the shots again (300 per class; the first 150 are the old set)
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_070.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_070.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+    --init "$OUT/spi_multi_070.safetensors" --train-per-class 300 --epochs 8 --lr 1e-3 --warmup 0.05
+# spi_multi 0.9.0: 0.8.0 trained on half as many shots again (450 per class), at half the peak LR
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_080.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_080.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+    --init "$OUT/spi_multi_080.safetensors" --train-per-class 450 --epochs 8 --lr 5e-4 --warmup 0.05
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

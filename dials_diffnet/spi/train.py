@@ -232,9 +232,9 @@ def simulator_card(sets: dict, random_shapes: int) -> dict:
 LIMITATIONS = (
     "Trained only on simulated patterns (coarse-grained bead models, pnCCD-like detector, distance x wavelength "
     "2000-3200 mm*A) on a CPU; not validated on real SPI data. 4-class count accuracy (multi-output CNN) is "
-    "far below the 99 % target (figures in the evaluation block): 3 vs 4 particles is the main confusion, worst "
-    "for particles that overlap in projection. Single-vs-multi is 98-99 % on seen types; the twin network's "
-    "few-shot single-vs-multi on unseen types is in its evaluation block."
+    "below the 99 % target on noise-free patterns (figures in the evaluation block): 3 vs 4 particles is the main "
+    "confusion, worst for particles that overlap in projection. Single-vs-multi is 99 % on seen types; the twin "
+    "network's few-shot single-vs-multi on unseen types is in its evaluation block."
 )
 
 
