@@ -2,6 +2,8 @@
 
 import os
 
+import dials_diffnet  # noqa: F401  (before anything imports libtbx: it finds libtbx a venv over a system DIALS)
+
 # Idle OpenMP threads sleep instead of spinning: on a shared CPU spinning made training 3-4x
 # slower (resnet18 width 16, 2 threads, load ~6 on 2 cores: 4.3 -> 15.9 images/s). This package
 # is imported before any command module loads torch; an explicit environment setting wins.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,15 @@ def test_a_command_module_leaves_torch_free_to_use_the_threads_it_is_given(name)
     done = command(sys.executable, "-c", probe)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "2"
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="only a venv over a system DIALS needs the pointer")
+def test_commands_run_in_the_venv_without_libtbx_build_exported(tmp_path):
+    # Debian's libtbx looks for its environment under the venv's prefix and crashed on import
+    # unless the user exported LIBTBX_BUILD; the package now points it at the system one.
+    env = {k: v for k, v in os.environ.items() if k != "LIBTBX_BUILD"}
+    for args in ([BIN / "diffnet.predict", "-c"], [sys.executable, "-m", "diffnet.filter", "-c"],
+                 [sys.executable, "-c", "import dials_diffnet, dxtbx.model, os; print(os.environ['LIBTBX_BUILD'])"]):
+        done = subprocess.run([str(a) for a in args], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip().endswith(f"lib/cctbx/python{sys.version_info[0]}.{sys.version_info[1]}")
