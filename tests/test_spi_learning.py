@@ -298,6 +298,7 @@ def test_procedural_sets_extend_without_reseeding_and_reuse_a_larger_cache(tmp_p
     monkeypatch.setattr(dataset, "_tensor", no_simulation)
     part = dataset.build(small, cache, grid=grid)
     assert np.array_equal(part["x"], full["x"][: len(small)]) and list(part["seed"]) == [s.seed for s in small]
+    assert list(part["particle"]) == [s.particle for s in small] and part["x"].dtype == np.float16
     assert len(np.load(cache)["seed"]) == len(large)
 
 

@@ -8,11 +8,13 @@ regenerated with `simulate.shot_params(*spec)`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import pathlib
 import time
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 
@@ -63,39 +65,63 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
+LABEL_KEYS = ("count", "particle", "noise", "pool", "seed")
+
+
+def _leading_rows(path, key: str, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The first n rows of array `key` of an uncompressed .npz, read into `out` (or a new array)
+    without loading the rest, so slicing or extending a cache of many GB holds one copy of it."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as stream:
+        version = np.lib.format.read_magic(stream)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = header(stream)
+        if fortran_order or n > shape[0]:
+            raise ValueError(f"{path}: {key} does not hold {n} C-ordered rows")
+        out = np.empty((n, *shape[1:]), dtype) if out is None else out
+        buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < len(buffer):
+            got = stream.readinto(buffer[done : done + (1 << 26)])
+            if not got:
+                raise ValueError(f"{path}: {key} ends early")
+            done += got
+    return out
+
+
 def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: GridSpec = SPI_GRID) -> dict:
-    """{'x': (N, 2, S, S) float16 on `grid`, 'count', 'particle', 'noise', 'seed'} for the specs, cached at
-    `cache`. A cache that starts with the same specs is reused: a longer one is sliced (not overwritten),
-    a shorter one is extended (only the specs after it are simulated)."""
-    cached = None
+    """{'x': (N, 2, S, S) float16 on `grid`, 'count', 'particle', 'noise', 'pool', 'seed'} for the specs,
+    cached at `cache`. A cache that starts with the same specs is reused: a longer one is sliced (not
+    overwritten), a shorter one is extended (only the specs after it are simulated)."""
+    n_cached = 0
     if cache is not None and pathlib.Path(cache).is_file():
-        data = dict(np.load(cache, allow_pickle=False))
-        n = min(len(data["seed"]), len(specs))
-        if data["x"].shape[-1] == grid.size and np.array_equal(data["seed"][:n], [s.seed for s in specs[:n]]):
-            if n == len(specs):
-                return {k: v[:n] for k, v in data.items()}
-            cached = data
-    todo = specs[len(cached["seed"]):] if cached is not None else specs
+        with np.load(cache, allow_pickle=False) as stored:
+            seeds = stored["seed"]
+        n = min(len(seeds), len(specs))
+        if _leading_rows(cache, "x", 0).shape[-1] == grid.size and np.array_equal(seeds[:n], [s.seed for s in specs[:n]]):
+            n_cached = n
+    if n_cached and n_cached == len(specs):
+        return {key: _leading_rows(cache, key, n_cached) for key in ("x", *LABEL_KEYS)}
+    todo = specs[n_cached:]
     start = time.time()
     for name in sorted({s.particle for s in todo}):
         particle_transform(name)  # built once here, shared by the forked workers
     tensor = partial(_tensor, grid=grid)
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            xs = pool.map(tensor, todo, chunksize=16)
-    else:
-        xs = [tensor(s) for s in todo]
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker))
+            rows = pool.imap(tensor, todo, chunksize=16)
+        else:
+            rows = map(tensor, todo)
+        x = None
+        for i, row in enumerate(rows):
+            if x is None:  # every row lands in place: no list of rows, no second copy of the cache
+                x = np.empty((len(specs), *row.shape), np.float16)
+                if n_cached:
+                    _leading_rows(cache, "x", n_cached, out=x[:n_cached])
+            x[n_cached + i] = row
     logger.info("simulated and represented %d shots in %.0f s (%d workers)", len(todo), time.time() - start, workers)
-    data = {
-        "x": np.stack(xs),
-        "count": np.array([s.count for s in todo], np.int64),
-        "particle": np.array([s.particle for s in todo]),
-        "noise": np.array([s.noise for s in todo]),
-        "pool": np.array([s.pool for s in todo]),
-        "seed": np.array([s.seed for s in todo], np.int64),
-    }
-    if cached is not None:
-        data = joined(cached, data)
+    data = {"x": x, "count": np.array([s.count for s in specs], np.int64), "particle": np.array([s.particle for s in specs]),
+            "noise": np.array([s.noise for s in specs]), "pool": np.array([s.pool for s in specs]),
+            "seed": np.array([s.seed for s in specs], np.int64)}
     if cache is not None:
         pathlib.Path(cache).parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(str(cache) + ".tmp.npz")
