@@ -236,6 +236,11 @@ LIMITATIONS = (
     "confusion, worst for particles that overlap in projection. Single-vs-multi is 99 % on seen types; the twin "
     "network's few-shot single-vs-multi on unseen types is in its evaluation block."
 )
+REPRODUCE = (
+    "make train-spi (scripts/train_spi.sh: simulates and represents the data sets into $CACHE, trains both models "
+    "from scratch, then spi_multi's warm restarts on growing training sets); figures: python -m "
+    "dials_diffnet.spi.evaluate --cache $CACHE --weights dials_diffnet/weights --sweep --update-cards"
+)
 
 
 def card(name: str, model, config: dict, sets: dict, seconds: dict, extra: dict) -> dict:
@@ -251,6 +256,7 @@ def card(name: str, model, config: dict, sets: dict, seconds: dict, extra: dict)
                      "data": simulator_card(sets, config["random_shapes"])},
         "parameters": sum(p.numel() for p in model.parameters()),
         "limitations": LIMITATIONS,
+        "reproduce": REPRODUCE,
     }
 
 
