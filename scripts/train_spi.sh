@@ -38,5 +38,10 @@ cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_090.safetensors"
 cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_090.json"
 $PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
     --init "$OUT/spi_multi_090.safetensors" --train-per-class 550 --epochs 8 --lr 5e-4 --warmup 0.05
+# spi_multi 0.11.0: 0.10.0 trained on 600 shots per class (38 400; the first 550 per class are the old set)
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_0100.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_0100.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+    --init "$OUT/spi_multi_0100.safetensors" --train-per-class 600 --epochs 8 --lr 5e-4 --warmup 0.05
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"
