@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seeds 1-4, 7-9, 11, 12), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training shards (seeds 1-4, 7-9, 11-13), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
 # training, Eiger 4M (seed 4 trains on an Eiger 16M), over a wider wavelength range), training, evaluation, and the
-# model cards of both shipped crystal models: crystal (stage 8) and crystal_fast (stage 6, no signal-to-noise plane).
+# model cards of both shipped crystal models: crystal (stage 9) and crystal_fast (stage 6, no signal-to-noise plane).
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
@@ -12,7 +12,8 @@
 # STAGE5_EPOCHS (default 4: stage 5, on seed 7 with the hit term weighted 4; 0: skip it),
 # STAGE6_EPOCHS (default 4: stage 6, on seeds 8 and 9, hit term weighted 4; 0: skip it),
 # STAGE7_EPOCHS (default 6: stage 7, the signal-to-noise plane added, on seed 11; 0: skip it),
-# STAGE8_EPOCHS (default 6: stage 8, on seeds 11 and 12; 0: skip it).
+# STAGE8_EPOCHS (default 6: stage 8, on seeds 11 and 12; 0: skip it),
+# STAGE9_EPOCHS (default 6: stage 9, on seeds 11, 12 and 13; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -38,8 +39,8 @@ for seed in 7 8 9; do
     recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
     output.directory=train_s$seed output.log=simulate_train$seed.log
 done
-# Seeds 11 and 12 (session 16): the same recipe, stored with the third, signal-to-noise plane (planes=3).
-for seed in 11 12; do
+# Seeds 11 and 12 (session 16) and 13 (session 19): the same recipe, stored with the third, signal-to-noise plane (planes=3).
+for seed in 11 12 13; do
   diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 planes=3 \
     recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
     output.directory=train_s$seed output.log=simulate_train$seed.log
@@ -86,6 +87,8 @@ cp crystal.safetensors crystal_fast.safetensors && cp crystal.json crystal_fast.
 next_stage 7 "${STAGE7_EPOCHS:-6}" 5e-4 train_s11 model.planes=3 loss.hit_weight=4
 # Stage 8 (0.10.0): 6 more epochs on seeds 11 and 12 together.
 next_stage 8 "${STAGE8_EPOCHS:-6}" 5e-4 train_s11 train_s12 model.planes=3 loss.hit_weight=4
+# Stage 9 (0.11.0): 6 more epochs on seeds 11, 12 and 13 together.
+next_stage 9 "${STAGE9_EPOCHS:-6}" 5e-4 train_s11 train_s12 train_s13 model.planes=3 loss.hit_weight=4
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for model in crystal crystal_fast; do

@@ -101,7 +101,7 @@ def test_shipped_model_resolution_sits_where_the_dials_strong_spots_run_out(ship
     size, wavelength or beam centre misread) misses by more. The bound is the label's own spread
     against this reference: on 72 simulated clear hits (400 CBF stills of seed 202,
     `dials.find_spots`) the label d_min lies at 0.77-1.36 of it for 95 % (14 % beyond 25 %).
-    Crystal 0.10.0 reads the Eiger2 16M frame 1.15x, 0.9.0 1.18x, 0.8.0 1.26x, 0.7.0 1.25x. DIALS's own `estimated_d_min`
+    Crystal 0.11.0 reads the Eiger2 16M frame 1.13x, 0.10.0 1.15x, 0.9.0 1.18x, 0.8.0 1.26x, 0.7.0 1.25x. DIALS's own `estimated_d_min`
     extrapolates past the last spots (1.53 A on the I03 frame whose spots stop near 2.0 A).
     Frames whose spots reach past the grid (the small-molecule Pilatus 300K at 2-theta 20 deg,
     spots to 0.95 A) are left out: the model cannot see them."""
