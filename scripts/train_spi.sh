@@ -13,35 +13,26 @@ WEIGHTS=dials_diffnet/weights
 mkdir -p "$OUT"
 # both models from scratch (spi_multi 0.5.0, spi_twin 0.4.0)
 $PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS"
+# warm_restart TAG ARGS...: keep the current spi_multi as $OUT/spi_multi_TAG.*, then train it on with a fresh schedule
+warm_restart() {
+  local tag=$1
+  shift
+  cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_$tag.safetensors"
+  cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_$tag.json"
+  $PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
+      --init "$OUT/spi_multi_$tag.safetensors" "$@" --warmup 0.05
+}
 # spi_multi 0.6.0: a warm restart of 0.5.0 (its weights, a fresh schedule at a third of the LR)
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_050.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_050.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_050.safetensors" --epochs 36 --lr 1e-3 --warmup 0.05
+warm_restart 050 --epochs 36 --lr 1e-3
 # spi_multi 0.7.0: 0.6.0 trained on twice the shots (150 per class; the first 75 are the old set)
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_060.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_060.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_060.safetensors" --train-per-class 150 --epochs 12 --lr 1e-3 --warmup 0.05
+warm_restart 060 --train-per-class 150 --epochs 12 --lr 1e-3
 # spi_multi 0.8.0: 0.7.0 trained on twice the shots again (300 per class; the first 150 are the old set)
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_070.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_070.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_070.safetensors" --train-per-class 300 --epochs 8 --lr 1e-3 --warmup 0.05
+warm_restart 070 --train-per-class 300 --epochs 8 --lr 1e-3
 # spi_multi 0.9.0: 0.8.0 trained on half as many shots again (450 per class), at half the peak LR
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_080.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_080.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_080.safetensors" --train-per-class 450 --epochs 8 --lr 5e-4 --warmup 0.05
+warm_restart 080 --train-per-class 450 --epochs 8 --lr 5e-4
 # spi_multi 0.10.0: 0.9.0 trained on 550 shots per class (35 200; the first 450 per class are the old set)
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_090.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_090.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_090.safetensors" --train-per-class 550 --epochs 8 --lr 5e-4 --warmup 0.05
+warm_restart 090 --train-per-class 550 --epochs 8 --lr 5e-4
 # spi_multi 0.11.0: 0.10.0 trained on 600 shots per class (38 400; the first 550 per class are the old set)
-cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_0100.safetensors"
-cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_0100.json"
-$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only multi \
-    --init "$OUT/spi_multi_0100.safetensors" --train-per-class 600 --epochs 8 --lr 5e-4 --warmup 0.05
+warm_restart 0100 --train-per-class 600 --epochs 8 --lr 5e-4
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

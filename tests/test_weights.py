@@ -4,13 +4,10 @@ what the model is, how it was trained, how it was measured and where it falls sh
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-os.environ.setdefault("LIBTBX_BUILD", "/usr/lib/cctbx/python3.11")
-
-from dials_diffnet.weights import MAX_FILE_BYTES, SHIPPED_DIR, WeightError, load_model  # noqa: E402
+from dials_diffnet.weights import MAX_FILE_BYTES, SHIPPED_DIR, WeightError, load_model
 
 SHIPPED = ("crystal", "crystal_fast", "spi_multi", "spi_twin")
 
