@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from dials_diffnet import evaluate
 from dials_diffnet.datasets import ShardDataset, ShardSampler, split_indices
-from dials_diffnet.models import build
+from dials_diffnet.models import build, grow_into
 from dials_diffnet.models.resnet import CrystalNet
 from dials_diffnet.representation import PLANE_NAMES, REPRESENTATION_VERSION
 from dials_diffnet.weights import load_model, save_model, sha256
@@ -331,34 +331,18 @@ def train_crystal(params) -> dict:
 
 
 def initialise_from(model: CrystalNet, weights_path) -> dict:
-    """Copy a trained crystal model's weights into `model` (in place); returns what it was.
-
-    `model` may be wider than the old one (same depth) and may have input planes
-    the old one lacked. The old channels keep their weights and are listed first
-    in every layer; what is new (channels, input planes) gets fresh weights for
-    its own outputs and zero weight into the old channels, so the new model starts
-    with exactly the old one's predictions and training only has to learn what the
-    extra capacity or planes add.
-    """
+    """Copy a trained crystal model's weights into `model` (in place; `models.grow_into`: `model` may be
+    wider, same depth, and read input planes the old one lacked); returns what it was."""
     old, card = load_model(weights_path)
     if card.get("task") != "crystal":
         raise ValueError(f"model.init={weights_path} is a {card.get('task')!r} model, not a crystal model")
     if type(old.backbone.stages[0]) is not type(model.backbone.stages[0]) \
             or len(old.backbone.stages) != len(model.backbone.stages):
         raise ValueError(f"model.init={weights_path} is a depth-{card['architecture']['depth']} model: depth must match")
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, value in old.state_dict().items():
-            target = state.get(name)
-            if target is None:
-                raise ValueError(f"model.init={weights_path}: {name} has no place in {type(model).__name__}")
-            if target.dim() != value.dim() or any(t < v for t, v in zip(target.shape, value.shape)):
-                raise ValueError(f"model.init={weights_path}: {name} is {tuple(value.shape)}, this model needs "
-                                 f"{tuple(target.shape)}: depth must match and width may only grow")
-            old_slice = tuple(slice(0, n) for n in value.shape)
-            if value.dim() >= 2:  # conv / linear: old outputs must not read new inputs
-                target[: value.shape[0], value.shape[1]:] = 0
-            target[old_slice] = value
+    try:
+        grow_into(model, old)
+    except ValueError as e:
+        raise ValueError(f"model.init={weights_path}: {e}") from None
     return {"name": card.get("name"), "version": card.get("version"), "sha256": card.get("sha256"),
             "architecture": card.get("architecture")}
 

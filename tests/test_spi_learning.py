@@ -230,6 +230,35 @@ def test_multi_training_in_the_shared_loop_learns_the_count():
             torch.testing.assert_close(restarted.state_dict()[name], value)
 
 
+def test_a_wider_spi_net_grown_from_a_narrow_one_starts_with_its_outputs_and_learns():
+    """grow_spi: the trunk's [means, maxima] features are re-indexed, so both heads keep their answers."""
+    from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, grow_spi
+
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 64, 64)
+    x[:, 1] = (torch.rand(3, 64, 64) > 0.1).float()
+    for narrow, wide in ((SpiMultiNet(width=4, patterson="flat"), SpiMultiNet(width=6, patterson="flat")),
+                         (SpiTwinNet(width=4, embedding_size=8), SpiTwinNet(width=6, embedding_size=8))):
+        for m in narrow.modules():  # trained-looking batch-norm statistics
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        grow_spi(wide, narrow)
+
+        def outputs(net):  # the multi-output net's logits, or the twin's embedding
+            out = net(x)
+            return list(out.values()) if isinstance(out, dict) else [out]
+
+        with torch.no_grad():
+            for before, after in zip(outputs(narrow.eval()), outputs(wide.eval())):
+                torch.testing.assert_close(after, before)
+        sum(out[:, 0].sum() for out in outputs(wide.train())).backward()
+        reader = wide.get_submodule(wide.FEATURE_READERS[0]).weight.grad
+        assert reader[:, 4:6].abs().sum() > 0 and reader[:, 10:].abs().sum() > 0  # new means and maxima learn
+    with pytest.raises(ValueError, match="width may only grow"):
+        grow_spi(SpiMultiNet(width=4), SpiMultiNet(width=6))
+
+
 def test_symmetrised_embedding_is_invariant_under_the_grid_symmetries():
     from dials_diffnet.models.spi import SpiTwinNet
 

@@ -105,6 +105,7 @@ class SpiMultiNet(nn.Module):
     """Multi-output CNN: logits for the particle count (index 0..3 = 1..4 particles) and the particle type."""
 
     OUTPUTS = ("count_logits", "type_logits")
+    FEATURE_READERS = ("count_head.0", "type_head.0")  # the layers that read the trunk's features
 
     def __init__(self, n_types=8, n_counts=4, width=8, in_channels=2, patterson=True):
         super().__init__()
@@ -117,8 +118,20 @@ class SpiMultiNet(nn.Module):
         return {"count_logits": self.count_head(f), "type_logits": self.type_head(f)}
 
 
+def grow_spi(model, old) -> None:
+    """`models.grow_into` for an SPI net: the trunk's features are [channel means, channel maxima], so
+    the old maxima move up by the number of channels gained."""
+    from dials_diffnet.models import grow_into
+
+    n_old, n_new = old.trunk.n_features // 2, model.trunk.n_features // 2
+    columns = torch.cat([torch.arange(n_old), n_new + torch.arange(n_old)])
+    grow_into(model, old, {f"{layer}.weight": columns for layer in model.FEATURE_READERS})
+
+
 class SpiTwinNet(nn.Module):
     """Twin (Siamese) embedding network: a pattern -> unit vector of size `embedding_size`."""
+
+    FEATURE_READERS = ("project.0",)
 
     def __init__(self, embedding_size=32, width=8, in_channels=2, patterson=True):
         super().__init__()

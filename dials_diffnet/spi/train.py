@@ -34,7 +34,7 @@ import torch
 
 from dials_diffnet.datasets import square_symmetry
 from dials_diffnet.evaluate import resolve_device
-from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet
+from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, grow_spi
 from dials_diffnet.spi import SPI_GRID, spi_grid
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
@@ -157,11 +157,12 @@ def triplet_objective(margin: float, mining: str):
 def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dict | None = None, device="cpu",
                 init=None):
     """(model, per-epoch history); `validation` (a set like `data`) is scored after every epoch.
-    `init`: a trained spi_multi to start from (a warm restart: its weights, a fresh schedule)."""
+    `init`: a trained spi_multi to start from (a warm restart: its weights, a fresh schedule), of this
+    width or narrower (`models.spi.grow_spi`: the wider net starts with its predictions)."""
     torch.manual_seed(seed)
     model = SpiMultiNet(n_types=len(SEEN_TYPES), width=config["width"], patterson=config["patterson"])
     if init is not None:
-        model.load_state_dict(init.state_dict())
+        grow_spi(model, init)
     loader = torch.utils.data.DataLoader(
         PatternSet(data["x"], multi_labels(data), augment=True, seed=seed), batch_size=config["batch"],
         shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed),
@@ -279,8 +280,9 @@ def main(argv=None):
                         help="override both models' training shots per (type, count, noise) class (75: 4 800 shots)")
     parser.add_argument("--lr", type=float, help="override both models' peak learning rate")
     parser.add_argument("--warmup", type=float, help="override both models' warm-up fraction of the schedule")
-    parser.add_argument("--init", help="multi only: start from this trained spi_multi (same architecture; its "
-                                       "weights, a fresh schedule): how spi_multi 0.6.0 continued 0.5.0")
+    parser.add_argument("--init", help="multi only: start from this trained spi_multi (its weights, a fresh "
+                                       "schedule; its width or narrower, grown to --width): how spi_multi 0.6.0 "
+                                       "continued 0.5.0")
     args = parser.parse_args(argv)
     if args.init and args.only != "multi":
         parser.error("--init needs --only multi")
@@ -328,8 +330,8 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
     start, started_from = None, {}
     if init is not None:
         start, init_card = load_model(init)
-        if init_card.get("architecture", {}).get("width") != multi_config["width"] or init_card.get("name") != "spi_multi":
-            raise ValueError(f"--init {init} is not an spi_multi of width {multi_config['width']}")
+        if init_card.get("name") != "spi_multi" or init_card.get("architecture", {}).get("width", 0) > multi_config["width"]:
+            raise ValueError(f"--init {init} is not an spi_multi of width {multi_config['width']} or less")
         started_from = {"initialised_from": {k: init_card.get(k) for k in ("name", "version", "sha256")}}
     multi, history = train_multi(data, multi_config, multi_config["seed"], validation["test"], device, start)
     multi_seconds = {"wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
