@@ -15,7 +15,7 @@ diffnet.simulate n_images=${DEMO_IMAGES:-24} seed=7 recipe.detectors=pilatus6m \
   recipe.unit_cell=$cell recipe.crystal_system=tetragonal output.directory=images
 dials.import images/shot_*.cbf
 diffnet.predict imported.expt
-diffnet.filter imported.expt diffnet.json min_p_hit=0.5
+diffnet.filter imported.expt diffnet.json
 dials.find_spots filtered.expt nproc=2
 # each kept still indexed on its own against the known cell, as serial data are (dials.ssx_index does the same)
 dials.index filtered.expt strong.refl stills.indexer=sequences indexing.joint_indexing=False \

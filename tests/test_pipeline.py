@@ -43,8 +43,12 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
     from dxtbx.model.experiment_list import ExperimentListFactory
     from dials.array_family import flex
 
+    from diffnet.filter import phil_scope
+
+    min_p_hit = phil_scope.extract().min_p_hit  # the default rules: this hit bar, no multi-lattice rule
     records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
-    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= 0.5}  # no multi-lattice rule by default
+    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= min_p_hit}
+    assert min_p_hit == 0.3 and phil_scope.extract().max_p_multi is None
     kept = ExperimentListFactory.from_json_file(str(ssx_run / "filtered.expt"), check_format=True)
     kept_paths = {e.imageset.get_path(0) for e in kept}
     assert kept_paths == passing and all(len(e.imageset) == 1 for e in kept)
