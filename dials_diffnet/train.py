@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from dials_diffnet import evaluate
 from dials_diffnet.datasets import ShardDataset, ShardSampler, split_indices
-from dials_diffnet.models import build, grow_into
+from dials_diffnet.models import build
+from dials_diffnet.models.grow import grow_into
 from dials_diffnet.models.resnet import CrystalNet
 from dials_diffnet.representation import PLANE_NAMES, REPRESENTATION_VERSION
 from dials_diffnet.weights import load_model, save_model, sha256
@@ -331,7 +332,7 @@ def train_crystal(params) -> dict:
 
 
 def initialise_from(model: CrystalNet, weights_path) -> dict:
-    """Copy a trained crystal model's weights into `model` (in place; `models.grow_into`: `model` may be
+    """Copy a trained crystal model's weights into `model` (in place; `models.grow.grow_into`: `model` may be
     wider, same depth, and read input planes the old one lacked); returns what it was."""
     old, card = load_model(weights_path)
     if card.get("task") != "crystal":

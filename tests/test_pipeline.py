@@ -45,10 +45,10 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
 
     from diffnet.filter import phil_scope
 
-    min_p_hit = phil_scope.extract().min_p_hit  # the default rules: this hit bar, no multi-lattice rule
+    defaults = phil_scope.extract()  # the default rules: a hit bar, no multi-lattice rule
+    assert defaults.min_p_hit == 0.3 and defaults.max_p_multi is None
     records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
-    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= min_p_hit}
-    assert min_p_hit == 0.3 and phil_scope.extract().max_p_multi is None
+    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= defaults.min_p_hit}
     kept = ExperimentListFactory.from_json_file(str(ssx_run / "filtered.expt"), check_format=True)
     kept_paths = {e.imageset.get_path(0) for e in kept}
     assert kept_paths == passing and all(len(e.imageset) == 1 for e in kept)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dials_diffnet.models.grow import grow_into
 from dials_diffnet.models.views import ViewAveraged
 
 
@@ -119,10 +120,8 @@ class SpiMultiNet(nn.Module):
 
 
 def grow_spi(model, old) -> None:
-    """`models.grow_into` for an SPI net: the trunk's features are [channel means, channel maxima], so
+    """`models.grow.grow_into` for an SPI net: the trunk's features are [channel means, channel maxima], so
     the old maxima move up by the number of channels gained."""
-    from dials_diffnet.models import grow_into
-
     n_old, n_new = old.trunk.n_features // 2, model.trunk.n_features // 2
     columns = torch.cat([torch.arange(n_old), n_new + torch.arange(n_old)])
     grow_into(model, old, {f"{layer}.weight": columns for layer in model.FEATURE_READERS})
