@@ -350,6 +350,43 @@ def test_a_larger_training_set_extends_its_cache_by_simulating_only_the_new_shot
     assert list(grown["count"]) == [s.count for s in large]
 
 
+def test_the_crowded_set_holds_only_3_and_4_particle_training_shots_on_seeds_of_its_own():
+    from dials_diffnet.spi import dataset
+    from dials_diffnet.spi.particles import SEEN_TYPES
+
+    sets = dataset.standard_sets(train_per_class=600, crowded_per_class=2)
+    crowded, train = sets["crowded"], sets["train"]
+    assert len(crowded) == 2 * 2 * len(SEEN_TYPES) * 2 and {s.count for s in crowded} == {3, 4}
+    assert {s.particle for s in crowded} == set(SEEN_TYPES) and {s.noise for s in crowded} == {"clean", "noisy"}
+    assert {s.pool for s in crowded} == {"train"}
+    seeds = [s.seed for s in crowded]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & {s.seed for s in train}
+    assert SEED_BASES["train"] < min(seeds) and max(seeds) < SEED_BASES["test"]
+    assert "crowded" not in dataset.standard_sets(train_per_class=1)
+
+
+def test_joined_sets_read_their_patterns_in_place_as_one_array():
+    from dials_diffnet.spi.dataset import joined
+    from dials_diffnet.spi.train import PatternSet, training_data
+
+    rng = np.random.default_rng(0)
+    sets = {name: {"x": rng.normal(size=(n, 2, 4, 4)).astype(np.float16), "count": rng.integers(1, 5, n),
+                   "particle": np.array(["capsid"] * n), "seed": np.arange(n) + 10 * n}
+            for name, n in (("train", 5), ("crowded", 3))}
+    data = training_data(sets, random_shapes=0)
+    whole = np.concatenate([sets["train"]["x"], sets["crowded"]["x"]])
+    assert len(data["x"]) == 8 and data["x"].shape == whole.shape and list(data["seed"]) == [50, 51, 52, 53, 54, 30, 31, 32]
+    assert np.array_equal(data["x"][6], whole[6]) and np.array_equal(data["x"][-1], whole[-1])
+    assert np.array_equal(data["x"][3:7], whole[3:7]) and np.array_equal(data["x"][[7, 0, 5]], whole[[7, 0, 5]])
+    assert np.shares_memory(data["x"][6], sets["crowded"]["x"])  # a view, not a copy
+    with pytest.raises(IndexError):
+        data["x"][8]
+    item, labels = PatternSet(data["x"], {"count": data["count"]})[5]
+    assert torch.equal(item, torch.from_numpy(whole[5])) and labels["count"] == sets["crowded"]["count"][0]
+    assert training_data({"train": sets["train"]}, random_shapes=0) is sets["train"]
+    assert np.array_equal(joined(sets["train"])["x"][:], sets["train"]["x"])
+
+
 def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projection():
     from dials_diffnet.spi.evaluate import accuracy_by_separation, smallest_projected_separation
     from dials_diffnet.spi.particles import bead_model

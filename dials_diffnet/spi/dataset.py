@@ -40,7 +40,8 @@ class ShotSpec:
     pool: str
 
 
-def balanced_specs(split: str, particles, per_class: int, noises=("clean", "noisy"), pool=None, offset=0):
+def balanced_specs(split: str, particles, per_class: int, noises=("clean", "noisy"), pool=None, offset=0,
+                   counts=tuple(range(1, MAX_COUNT + 1))):
     """per_class shots for every (particle, count, noise), seeds counted up from the split's base."""
     pool = pool or ("train" if split == "train" else "test")
     seed = SEED_BASES[split] + offset
@@ -48,7 +49,7 @@ def balanced_specs(split: str, particles, per_class: int, noises=("clean", "nois
     for i in range(per_class):
         for noise in noises:
             for particle in particles:
-                for count in range(1, MAX_COUNT + 1):
+                for count in counts:
                     specs.append(ShotSpec(seed, particle, count, noise, pool))
                     seed += 1
     return specs
@@ -130,13 +131,19 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: Grid
     return data
 
 
-def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75) -> dict:
+# Seeds of the crowded set start this far into the training range, beyond any train_per_class (7 812 would reach it).
+CROWDED_OFFSET = 500_000
+
+
+def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75, crowded_per_class: int = 0) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
     train:  seen types x counts 1-4 x {clean, noisy} x train_per_class, training geometry pool (a larger
             set starts with a smaller one's shots: seeds run over the classes, then the repeats)
     random: (when random_shapes > 0) that many procedural particles x counts x {clean, noisy} x 5,
             training geometry pool: extra training data for the count, no particle type
+    crowded: (when crowded_per_class > 0) seen types x counts 3-4 x {clean, noisy} x crowded_per_class,
+            training geometry pool: more of the shots the count gets wrong most (3 vs 4 particles)
     test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
     unseen: the held-back particle types, for the twin network's few-shot test
     """
@@ -150,6 +157,8 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }
+    if crowded_per_class:
+        sets["crowded"] = balanced_specs("train", SEEN_TYPES, n(crowded_per_class), offset=CROWDED_OFFSET, counts=(3, 4))
     if random_shapes:
         # a seed block per shape, so the first k shapes' patterns do not depend on how many are asked for
         per_shape = n(5)
@@ -159,9 +168,36 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
     return sets
 
 
+class StackedRows:
+    """The rows of several arrays read as one array (by row, slice or index array), without the copy
+    np.concatenate would make: a training set of 10 GB and its extension then fit in memory once."""
+
+    def __init__(self, *parts: np.ndarray):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype, self.ndim = parts[0].dtype, parts[0].ndim
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _row(self, i: int) -> np.ndarray:
+        i = int(i) + len(self) if i < 0 else int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k][i - self.starts[k]]
+
+    def __getitem__(self, index):
+        if np.ndim(index) == 0 and not isinstance(index, slice):
+            return self._row(index)
+        rows = np.arange(len(self))[index]
+        return np.stack([self._row(i) for i in rows]) if len(rows) else np.empty((0, *self.shape[1:]), self.dtype)
+
+
 def joined(*sets: dict) -> dict:
-    """One set holding the patterns of several (e.g. train and random)."""
-    return {k: np.concatenate([s[k] for s in sets]) for k in sets[0]}
+    """One set holding the patterns of several (e.g. train and random); the patterns are not copied."""
+    return {k: StackedRows(*(s[k] for s in sets)) if k == "x" else np.concatenate([s[k] for s in sets]) for k in sets[0]}
 
 
 def validation_sets(scale: float = 1.0) -> dict:
