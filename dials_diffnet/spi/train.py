@@ -48,7 +48,7 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # Small nets on few patterns: a long warm-up and no gradient clipping (as the one-cycle schedule
 # these models were first trained with), not the crystallography defaults of train.fit.
 # random_shapes: procedural particles (particles.random_shape) joining the seen types in training.
-# grid_size: the model's input grid (spi_grid). Both models gained on 256 cells over 128 (docs/spi.md, Training).
+# grid_size: the model's input grid (spi_grid). Both models gained on 256 cells over 128 (docs/history/spi-training.md, sessions 7 and 8).
 # MULTI epochs 30: at 20 its training accuracy was still climbing when the learning rate ran out.
 # crowded_per_class: extra 3- and 4-particle training shots per (type, count, noise) (dataset.standard_sets).
 MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
