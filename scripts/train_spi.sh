@@ -34,7 +34,8 @@ warm_restart 080 --train-per-class 450 --epochs 8 --lr 5e-4
 warm_restart 090 --train-per-class 550 --epochs 8 --lr 5e-4
 # spi_multi 0.11.0: 0.10.0 trained on 600 shots per class (38 400; the first 550 per class are the old set)
 warm_restart 0100 --train-per-class 600 --epochs 8 --lr 5e-4
-# spi_multi 0.12.0: 0.11.0 trained on those and 4 800 more 3- and 4-particle shots (the counts it gets wrong)
+# spi_multi 0.12.1: 0.11.0 trained on those and 4 800 more 3- and 4-particle shots (the counts it gets wrong);
+# train_multi folds the unequal counts (9 600 / 9 600 / 12 000 / 12 000) out of the count logits at the end
 warm_restart 0110 --train-per-class 600 --crowded-per-class 150 --epochs 8 --lr 5e-4
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

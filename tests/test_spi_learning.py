@@ -230,6 +230,37 @@ def test_multi_training_in_the_shared_loop_learns_the_count():
             torch.testing.assert_close(restarted.state_dict()[name], value)
 
 
+def test_unequal_training_counts_are_folded_out_of_the_count_logits_and_nothing_else():
+    """A net trained on more 3- and 4-particle shots (the crowded set) learns to say 3 or 4 more often. Training
+    ends by removing log(frequency / mean frequency) from each count's logit; equal counts change nothing."""
+    from dials_diffnet.models.spi import SpiMultiNet, fold_count_prior
+    from dials_diffnet.spi.particles import SEEN_TYPES
+    from dials_diffnet.spi.train import MULTI, count_frequencies, train_multi
+
+    torch.manual_seed(0)
+    net = SpiMultiNet(width=4).eval()
+    x = torch.randn(3, 2, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        fold_count_prior(net, [50, 50, 50, 50])
+        torch.testing.assert_close(net(x)["count_logits"], before["count_logits"])
+        fold_count_prior(net, [1, 1, 4, 4])  # mean 2.5
+        after = net(x)
+    torch.testing.assert_close(after["count_logits"] - before["count_logits"],
+                               torch.log(torch.tensor([2.5, 2.5, 0.625, 0.625])).expand(3, 4))
+    torch.testing.assert_close(after["type_logits"], before["type_logits"])
+
+    # train_multi does it with the frequencies of its own data: at lr 0 only the fold moves the count biases
+    count = np.repeat(np.arange(1, 5), [2, 2, 6, 6])
+    data = {"x": np.zeros((len(count), 2, 64, 64), np.float16), "count": count,
+            "particle": np.array([SEEN_TYPES[0]] * len(count))}
+    assert count_frequencies(data) == [2, 2, 6, 6]
+    start = SpiMultiNet(n_types=len(SEEN_TYPES), width=4, patterson=MULTI["patterson"]).eval()
+    trained, _ = train_multi(data, dict(MULTI, width=4, epochs=1, batch=4, lr=0.0), init=start)
+    torch.testing.assert_close(trained.count_head[-1].bias - start.count_head[-1].bias,
+                               -torch.log(torch.tensor([0.5, 0.5, 1.5, 1.5])))
+
+
 def test_a_wider_spi_net_grown_from_a_narrow_one_starts_with_its_outputs_and_learns():
     """grow_spi: the trunk's [means, maxima] features are re-indexed, so both heads keep their answers."""
     from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, grow_spi

@@ -119,6 +119,14 @@ class SpiMultiNet(nn.Module):
         return {"count_logits": self.count_head(f), "type_logits": self.type_head(f)}
 
 
+@torch.no_grad()
+def fold_count_prior(model: SpiMultiNet, count_frequencies) -> None:
+    """Make the count logits those of a net trained on equally many shots of each count (label-shift
+    correction): a net trained on unequal counts has log(frequency) learnt into its output biases."""
+    frequencies = torch.as_tensor(count_frequencies, dtype=torch.float64)
+    model.count_head[-1].bias -= torch.log(frequencies / frequencies.mean()).to(model.count_head[-1].bias)
+
+
 def grow_spi(model, old) -> None:
     """`models.grow.grow_into` for an SPI net: the trunk's features are [channel means, channel maxima], so
     the old maxima move up by the number of channels gained."""

@@ -34,7 +34,7 @@ import torch
 
 from dials_diffnet.datasets import square_symmetry
 from dials_diffnet.evaluate import resolve_device
-from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, grow_spi
+from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, fold_count_prior, grow_spi
 from dials_diffnet.spi import SPI_GRID, spi_grid
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
@@ -163,7 +163,9 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
                 init=None):
     """(model, per-epoch history); `validation` (a set like `data`) is scored after every epoch.
     `init`: a trained spi_multi to start from (a warm restart: its weights, a fresh schedule), of this
-    width or narrower (`models.spi.grow_spi`: the wider net starts with its predictions)."""
+    width or narrower (`models.spi.grow_spi`: the wider net starts with its predictions).
+    Unequal numbers of shots per count (the crowded set) are folded out of the count logits at the end,
+    so the net reports counts as for equally likely 1-4 particles."""
     torch.manual_seed(seed)
     model = SpiMultiNet(n_types=len(SEEN_TYPES), width=config["width"], patterson=config["patterson"])
     if init is not None:
@@ -177,7 +179,14 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
     result = fit(model, multi_loss, loader, val_loader, epochs=config["epochs"], lr=config["lr"],
                  weight_decay=config["weight_decay"], warmup_fraction=config["warmup"], grad_clip=config["grad_clip"],
                  device=device)
-    return model.to("cpu").eval(), result["history"]
+    model = model.to("cpu").eval()
+    fold_count_prior(model, count_frequencies(data))
+    return model, result["history"]
+
+
+def count_frequencies(data: dict) -> list[int]:
+    """Training shots with 1, 2, 3 and 4 particles."""
+    return [int(np.sum(data["count"] == c)) for c in range(1, 5)]
 
 
 def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.Module | None = None,
@@ -358,6 +367,8 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
         "outputs": {"count_logits": "4 logits, index i = i+1 particles in the beam",
                     "type_logits": "logits over particle_types"},
         "particle_types": SEEN_TYPES,
+        "count_prior_folded": {"training_count_frequencies": count_frequencies(data),
+                               "how": "models.spi.fold_count_prior: count logits as for equally likely 1-4 particles"},
     }), out / "spi_multi.safetensors")
     logger.info("saved %s", out / "spi_multi.safetensors")
 
