@@ -37,5 +37,8 @@ warm_restart 0100 --train-per-class 600 --epochs 8 --lr 5e-4
 # spi_multi 0.12.1: 0.11.0 trained on those and 4 800 more 3- and 4-particle shots (the counts it gets wrong);
 # train_multi folds the unequal counts (9 600 / 9 600 / 12 000 / 12 000) out of the count logits at the end
 warm_restart 0110 --train-per-class 600 --crowded-per-class 150 --epochs 8 --lr 5e-4
+# spi_multi 0.13.0: 0.12.1 trained on 4 800 shots whose particles overlap in projection (the close set) and a
+# replay of the first 150 per class of the training set and the crowded set
+warm_restart 0121 --train-per-class 150 --crowded-per-class 150 --close-per-class 100 --epochs 8 --lr 5e-4
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

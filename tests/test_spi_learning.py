@@ -396,6 +396,26 @@ def test_the_crowded_set_holds_only_3_and_4_particle_training_shots_on_seeds_of_
     assert "crowded" not in dataset.standard_sets(train_per_class=1)
 
 
+def test_the_close_set_holds_only_clusters_that_overlap_in_projection_on_seeds_of_its_own():
+    from dials_diffnet.spi import dataset
+    from dials_diffnet.spi.particles import SEEN_TYPES
+
+    sets = dataset.standard_sets(train_per_class=600, crowded_per_class=150, close_per_class=2)
+    close = sets["close"]
+    assert len(close) == 2 * 3 * len(SEEN_TYPES) * 2 and {s.count for s in close} == {2, 3, 4}
+    assert {s.particle for s in close} == set(SEEN_TYPES) and {s.pool for s in close} == {"train"}
+    rows = {k: [getattr(s, k) for s in close] for k in ("seed", "particle", "count", "noise", "pool")}
+    assert all(dataset.smallest_projected_separation(rows, i) < dataset.CLOSE_BELOW for i in range(len(close)))
+    # the seeds it skipped draw wider clusters: the selection is what makes the set
+    skipped = close[0].seed + 1 if close[1].seed > close[0].seed + 1 else close[1].seed + 1
+    spec = close[0]
+    wide = {"seed": [skipped], "particle": [spec.particle], "count": [spec.count], "noise": [spec.noise], "pool": ["train"]}
+    assert skipped not in rows["seed"] and dataset.smallest_projected_separation(wide, 0) >= dataset.CLOSE_BELOW
+    seeds = set(rows["seed"])
+    assert len(seeds) == len(close) and not seeds & {s.seed for s in sets["train"] + sets["crowded"]}
+    assert SEED_BASES["train"] < min(seeds) and max(seeds) < SEED_BASES["test"]
+
+
 def test_joined_sets_read_their_patterns_in_place_as_one_array():
     from dials_diffnet.spi.dataset import joined
     from dials_diffnet.spi.train import PatternSet, training_data

@@ -22,6 +22,7 @@ import numpy as np
 
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi import SPI_GRID
+from dials_diffnet.spi.particles import bead_model
 from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
 
 logger = logging.getLogger("dials.diffnet.spi.dataset")
@@ -131,11 +132,45 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: Grid
     return data
 
 
-# Seeds of the crowded set start this far into the training range, beyond any train_per_class (7 812 would reach it).
+# Seeds of the crowded and close sets start this far into the training range, beyond any train_per_class
+# (7 812 would reach the first) and beyond each other.
 CROWDED_OFFSET = 500_000
+CLOSE_OFFSET = 700_000
+CLOSE_BELOW = 0.5  # diameters: where the count is wrong most (docs/spi.md, Results)
 
 
-def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75, crowded_per_class: int = 0) -> dict:
+def smallest_projected_separation(data: dict, row: int) -> float:
+    """Closest pair of particle centres seen along the beam, in particle diameters (inf for one particle):
+    two particles less than a diameter apart in projection overlap on the detector's view."""
+    params = shot_params(int(data["seed"][row]), str(data["particle"][row]), int(data["count"][row]),
+                         str(data["noise"][row]), str(data["pool"][row]))
+    xy = params.offsets[:, :2]  # the beam runs along z
+    gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i + 1, len(xy))]
+    return min(gaps) / (2 * bead_model(params.particle).radius) if gaps else np.inf
+
+
+def close_specs(per_class: int, below: float = CLOSE_BELOW) -> list:
+    """per_class training shots for every (seen type, count 2-4, noise) whose closest pair of particles is
+    less than `below` diameters apart in projection: seeds counted up from the close set's base, those
+    that draw a wider cluster skipped (drawing the parameters costs nothing, simulating them does)."""
+    from dials_diffnet.spi.particles import SEEN_TYPES
+
+    specs, seed = [], SEED_BASES["train"] + CLOSE_OFFSET
+    for noise in ("clean", "noisy"):
+        for particle in SEEN_TYPES:
+            for count in (2, 3, 4):
+                kept = 0
+                while kept < per_class:
+                    row = {"seed": [seed], "particle": [particle], "count": [count], "noise": [noise], "pool": ["train"]}
+                    if smallest_projected_separation(row, 0) < below:
+                        specs.append(ShotSpec(seed, particle, count, noise, "train"))
+                        kept += 1
+                    seed += 1
+    return specs
+
+
+def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75, crowded_per_class: int = 0,
+                  close_per_class: int = 0) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
     train:  seen types x counts 1-4 x {clean, noisy} x train_per_class, training geometry pool (a larger
@@ -144,6 +179,8 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
             training geometry pool: extra training data for the count, no particle type
     crowded: (when crowded_per_class > 0) seen types x counts 3-4 x {clean, noisy} x crowded_per_class,
             training geometry pool: more of the shots the count gets wrong most (3 vs 4 particles)
+    close:  (when close_per_class > 0) seen types x counts 2-4 x {clean, noisy} x close_per_class, training
+            geometry pool, only clusters with two particles < 0.5 diameters apart in projection (close_specs)
     test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
     unseen: the held-back particle types, for the twin network's few-shot test
     """
@@ -159,6 +196,8 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
     }
     if crowded_per_class:
         sets["crowded"] = balanced_specs("train", SEEN_TYPES, n(crowded_per_class), offset=CROWDED_OFFSET, counts=(3, 4))
+    if close_per_class:
+        sets["close"] = close_specs(n(close_per_class))
     if random_shapes:
         # a seed block per shape, so the first k shapes' patterns do not depend on how many are asked for
         per_shape = n(5)

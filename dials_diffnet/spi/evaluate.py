@@ -36,8 +36,8 @@ from dials_diffnet.inference import DEFAULT_VIEWS
 from dials_diffnet.models.views import ViewAveraged
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.spi.particles import UNSEEN_TYPES, bead_model
-from dials_diffnet.spi.simulate import shot_params
+from dials_diffnet.spi.dataset import smallest_projected_separation
+from dials_diffnet.spi.particles import UNSEEN_TYPES
 from dials_diffnet.spi.train import TWIN, load_sets, train_twin, training_data
 from dials_diffnet.weights import load_model, save_model
 
@@ -78,16 +78,6 @@ def multi_metrics(model, card, data, rows) -> dict:
 
 
 SEPARATION_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, np.inf))
-
-
-def smallest_projected_separation(data: dict, row: int) -> float:
-    """Closest pair of particle centres seen along the beam, in particle diameters (inf for one particle):
-    two particles less than a diameter apart in projection overlap on the detector's view."""
-    params = shot_params(int(data["seed"][row]), str(data["particle"][row]), int(data["count"][row]),
-                         str(data["noise"][row]), str(data["pool"][row]))
-    xy = params.offsets[:, :2]  # the beam runs along z
-    gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i + 1, len(xy))]
-    return min(gaps) / (2 * bead_model(params.particle).radius) if gaps else np.inf
 
 
 def accuracy_by_separation(data: dict, rows, count_ok) -> dict:

@@ -51,22 +51,23 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # grid_size: the model's input grid (spi_grid). Both models gained on 256 cells over 128 (docs/history/spi-training.md, sessions 7 and 8).
 # MULTI epochs 30: at 20 its training accuracy was still climbing when the learning rate ran out.
 # crowded_per_class: extra 3- and 4-particle training shots per (type, count, noise) (dataset.standard_sets).
+# close_per_class: extra 2-4-particle shots per class with two particles overlapping in projection (dataset.close_specs).
 MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
-             random_shapes=0, seed=0, grid_size=256, train_per_class=75, crowded_per_class=0)
+             random_shapes=0, seed=0, grid_size=256, train_per_class=75, crowded_per_class=0, close_per_class=0)
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
             lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256, train_per_class=75,
-            crowded_per_class=0)
+            crowded_per_class=0, close_per_class=0)
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
               random_shapes: int = 0, grid=SPI_GRID, names=None, train_per_class: int = 75,
-              crowded_per_class: int = 0) -> dict:
+              crowded_per_class: int = 0, close_per_class: int = 0) -> dict:
     """The standard sets (train, test, unseen; random with `random_shapes`, crowded with
-    `crowded_per_class`; those in `names` if given) on
+    `crowded_per_class`, close with `close_per_class`; those in `names` if given) on
     `grid`, or with `validation` the validation sets (under the names test and unseen, so evaluation code
     takes either)."""
     sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes, train_per_class,
-                                                                   crowded_per_class)
+                                                                   crowded_per_class, close_per_class)
     sets = {name: specs for name, specs in sets.items() if names is None or name in names}
     prefix = "validation_" if validation else ""
     return {
@@ -239,6 +240,11 @@ def simulator_card(sets: dict, random_shapes: int) -> dict:
             "crowded_seeds": [int(sets["crowded"]["seed"].min()), int(sets["crowded"]["seed"].max())],
             "crowded_recipe": "dataset.standard_sets crowded: 3 and 4 particles only, otherwise as train"}
            if "crowded" in sets else {}),
+        **({"close_patterns": int(len(sets["close"]["seed"])),
+            "close_seeds": [int(sets["close"]["seed"].min()), int(sets["close"]["seed"].max())],
+            "close_recipe": "dataset.close_specs: 2-4 particles, closest pair < 0.5 diameters in projection, "
+                            "otherwise as train"}
+           if "close" in sets else {}),
         **({"random_shape_patterns": int(len(extra["seed"])),
             "random_shapes": [f"{RANDOM_PREFIX}0", f"{RANDOM_PREFIX}{random_shapes - 1}"],
             "random_seeds": [int(extra["seed"].min()), int(extra["seed"].max())],
@@ -298,6 +304,8 @@ def main(argv=None):
                         help="override both models' training shots per (type, count, noise) class (75: 4 800 shots)")
     parser.add_argument("--crowded-per-class", type=int,
                         help="override both models' extra 3- and 4-particle shots per (type, count, noise) class")
+    parser.add_argument("--close-per-class", type=int,
+                        help="override both models' extra 2-4-particle shots per class with a pair overlapping in projection")
     parser.add_argument("--lr", type=float, help="override both models' peak learning rate")
     parser.add_argument("--warmup", type=float, help="override both models' warm-up fraction of the schedule")
     parser.add_argument("--init", help="multi only: start from this trained spi_multi (its weights, a fresh "
@@ -312,7 +320,7 @@ def main(argv=None):
 
     multi_config, twin_config = dict(MULTI), dict(TWIN)
     for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size", "lr", "warmup",
-                "train_per_class", "crowded_per_class"):
+                "train_per_class", "crowded_per_class", "close_per_class"):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
@@ -325,8 +333,9 @@ def main(argv=None):
             continue
         start, grid = time.time(), spi_grid(config["grid_size"])
         sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers, random_shapes=config["random_shapes"],
-                         grid=grid, names=("train", "random", "crowded"), train_per_class=config["train_per_class"],
-                         crowded_per_class=config["crowded_per_class"])
+                         grid=grid, names=("train", "random", "crowded", "close"),
+                         train_per_class=config["train_per_class"], crowded_per_class=config["crowded_per_class"],
+                         close_per_class=config["close_per_class"])
         validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True, grid=grid,
                                names=(validation_set,))
         train_and_save(sets, validation, config, time.time() - start, out, device)
@@ -341,9 +350,9 @@ def random_patterns(sets: dict, random_shapes: int) -> dict:
 
 
 def training_data(sets: dict, random_shapes: int) -> dict:
-    """The seen types' training patterns, joined by the crowded set's (if loaded) and those of the first
-    `random_shapes` procedural particles."""
-    parts = [sets["train"]] + ([sets["crowded"]] if "crowded" in sets else [])
+    """The seen types' training patterns, joined by the crowded and close sets' (if loaded) and those of the
+    first `random_shapes` procedural particles."""
+    parts = [sets["train"]] + [sets[name] for name in ("crowded", "close") if name in sets]
     parts += [random_patterns(sets, random_shapes)] if random_shapes else []
     return joined(*parts) if len(parts) > 1 else parts[0]
 
