@@ -1,5 +1,6 @@
 """Triplet loss and mining, few-shot prototypes, and the shipped SPI weights on fresh simulated shots."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -404,14 +405,12 @@ def test_the_close_set_holds_only_clusters_that_overlap_in_projection_on_seeds_o
     close = sets["close"]
     assert len(close) == 2 * 3 * len(SEEN_TYPES) * 2 and {s.count for s in close} == {2, 3, 4}
     assert {s.particle for s in close} == set(SEEN_TYPES) and {s.pool for s in close} == {"train"}
-    rows = {k: [getattr(s, k) for s in close] for k in ("seed", "particle", "count", "noise", "pool")}
-    assert all(dataset.smallest_projected_separation(rows, i) < dataset.CLOSE_BELOW for i in range(len(close)))
-    # the seeds it skipped draw wider clusters: the selection is what makes the set
-    skipped = close[0].seed + 1 if close[1].seed > close[0].seed + 1 else close[1].seed + 1
-    spec = close[0]
-    wide = {"seed": [skipped], "particle": [spec.particle], "count": [spec.count], "noise": [spec.noise], "pool": ["train"]}
-    assert skipped not in rows["seed"] and dataset.smallest_projected_separation(wide, 0) >= dataset.CLOSE_BELOW
-    seeds = set(rows["seed"])
+    assert all(dataset.smallest_projected_separation(spec) < dataset.CLOSE_BELOW for spec in close)
+    # a seed skipped inside a class (between its two kept shots) draws a wider cluster: the selection makes the set
+    seeds = {spec.seed for spec in close}
+    first, _ = next((a, b) for a, b in zip(close[::2], close[1::2]) if b.seed > a.seed + 1)
+    skipped = dataclasses.replace(first, seed=first.seed + 1)
+    assert skipped.seed not in seeds and dataset.smallest_projected_separation(skipped) >= dataset.CLOSE_BELOW
     assert len(seeds) == len(close) and not seeds & {s.seed for s in sets["train"] + sets["crowded"]}
     assert SEED_BASES["train"] < min(seeds) and max(seeds) < SEED_BASES["test"]
 
@@ -439,13 +438,14 @@ def test_joined_sets_read_their_patterns_in_place_as_one_array():
 
 
 def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projection():
-    from dials_diffnet.spi.evaluate import accuracy_by_separation, smallest_projected_separation
+    from dials_diffnet.spi.dataset import row_spec, smallest_projected_separation
+    from dials_diffnet.spi.evaluate import accuracy_by_separation
     from dials_diffnet.spi.particles import bead_model
 
     seeds = np.arange(SEED_BASES["check"] + 500, SEED_BASES["check"] + 540)
     data = {"seed": seeds, "particle": np.array(["rod"] * 40), "count": np.tile([1, 2, 3, 4], 10),
             "noise": np.array(["clean"] * 40), "pool": np.array(["train"] * 40)}
-    separation = np.array([smallest_projected_separation(data, r) for r in range(40)])
+    separation = np.array([smallest_projected_separation(row_spec(data, r)) for r in range(40)])
     assert np.isinf(separation[data["count"] == 1]).all()
     pairs = separation[data["count"] == 2]
     params = sim.shot_params(int(seeds[1]), "rod", 2, "clean", "train")

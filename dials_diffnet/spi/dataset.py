@@ -22,7 +22,7 @@ import numpy as np
 
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi import SPI_GRID
-from dials_diffnet.spi.particles import bead_model
+from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES, bead_model, random_shape_names
 from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
 
 logger = logging.getLogger("dials.diffnet.spi.dataset")
@@ -139,11 +139,16 @@ CLOSE_OFFSET = 700_000
 CLOSE_BELOW = 0.5  # diameters: where the count is wrong most (docs/spi.md, Results)
 
 
-def smallest_projected_separation(data: dict, row: int) -> float:
+def row_spec(data: dict, row: int) -> ShotSpec:
+    """The spec of one row of a built set (its labels regenerate the shot)."""
+    return ShotSpec(int(data["seed"][row]), str(data["particle"][row]), int(data["count"][row]),
+                    str(data["noise"][row]), str(data["pool"][row]))
+
+
+def smallest_projected_separation(spec: ShotSpec) -> float:
     """Closest pair of particle centres seen along the beam, in particle diameters (inf for one particle):
     two particles less than a diameter apart in projection overlap on the detector's view."""
-    params = shot_params(int(data["seed"][row]), str(data["particle"][row]), int(data["count"][row]),
-                         str(data["noise"][row]), str(data["pool"][row]))
+    params = shot_params(spec.seed, spec.particle, spec.count, spec.noise, spec.pool)
     xy = params.offsets[:, :2]  # the beam runs along z
     gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i + 1, len(xy))]
     return min(gaps) / (2 * bead_model(params.particle).radius) if gaps else np.inf
@@ -153,17 +158,15 @@ def close_specs(per_class: int, below: float = CLOSE_BELOW) -> list:
     """per_class training shots for every (seen type, count 2-4, noise) whose closest pair of particles is
     less than `below` diameters apart in projection: seeds counted up from the close set's base, those
     that draw a wider cluster skipped (drawing the parameters costs nothing, simulating them does)."""
-    from dials_diffnet.spi.particles import SEEN_TYPES
-
     specs, seed = [], SEED_BASES["train"] + CLOSE_OFFSET
     for noise in ("clean", "noisy"):
         for particle in SEEN_TYPES:
             for count in (2, 3, 4):
                 kept = 0
                 while kept < per_class:
-                    row = {"seed": [seed], "particle": [particle], "count": [count], "noise": [noise], "pool": ["train"]}
-                    if smallest_projected_separation(row, 0) < below:
-                        specs.append(ShotSpec(seed, particle, count, noise, "train"))
+                    spec = ShotSpec(seed, particle, count, noise, "train")
+                    if smallest_projected_separation(spec) < below:
+                        specs.append(spec)
                         kept += 1
                     seed += 1
     return specs
@@ -184,8 +187,6 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
     test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
     unseen: the held-back particle types, for the twin network's few-shot test
     """
-    from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES, random_shape_names
-
     def n(k):
         return max(1, int(round(k * scale)))
 
@@ -242,8 +243,6 @@ def joined(*sets: dict) -> dict:
 def validation_sets(scale: float = 1.0) -> dict:
     """Where candidate models are compared (never on `standard_sets` test or unseen): the same
     classes as train/test and the held-back types, seeds of their own, training geometry pool."""
-    from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES
-
     per_class = max(6, int(round(10 * scale)))  # few-shot scoring draws 5 support patterns per class, plus queries
     return {
         "test": balanced_specs("validation", SEEN_TYPES, per_class, pool="train"),

@@ -36,7 +36,7 @@ from dials_diffnet.inference import DEFAULT_VIEWS
 from dials_diffnet.models.views import ViewAveraged
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.spi.dataset import smallest_projected_separation
+from dials_diffnet.spi.dataset import row_spec, smallest_projected_separation
 from dials_diffnet.spi.particles import UNSEEN_TYPES
 from dials_diffnet.spi.train import TWIN, load_sets, train_twin, training_data
 from dials_diffnet.weights import load_model, save_model
@@ -82,7 +82,7 @@ SEPARATION_BINS = ((0.0, 0.5), (0.5, 1.0), (1.0, np.inf))
 
 def accuracy_by_separation(data: dict, rows, count_ok) -> dict:
     """Count accuracy of multiple hits by how far apart their closest pair is in projection."""
-    separation = np.array([smallest_projected_separation(data, r) for r in rows])
+    separation = np.array([smallest_projected_separation(row_spec(data, r)) for r in rows])
     out = {}
     for lo, hi in SEPARATION_BINS:
         sel = (separation >= lo) & (separation < hi)

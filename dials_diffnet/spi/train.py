@@ -186,8 +186,8 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
 
 
 def count_frequencies(data: dict) -> list[int]:
-    """Training shots with 1, 2, 3 and 4 particles."""
-    return [int(np.sum(data["count"] == c)) for c in range(1, 5)]
+    """Training shots with 1, 2, ... MAX_COUNT particles."""
+    return [int(np.sum(data["count"] == c)) for c in range(1, sim.MAX_COUNT + 1)]
 
 
 def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.Module | None = None,
@@ -220,6 +220,13 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
     return model.to("cpu").eval(), result["history"]
 
 
+# Extra training sets of seen types (dataset.standard_sets) and how the card describes them.
+EXTRA_SET_RECIPES = {
+    "crowded": "dataset.standard_sets crowded: 3 and 4 particles only, otherwise as train",
+    "close": "dataset.close_specs: 2-4 particles, closest pair < 0.5 diameters in projection, otherwise as train",
+}
+
+
 def simulator_card(sets: dict, random_shapes: int) -> dict:
     """What the training data were, so a card says exactly what the model has seen."""
     extra = random_patterns(sets, random_shapes) if random_shapes else None
@@ -236,15 +243,10 @@ def simulator_card(sets: dict, random_shapes: int) -> dict:
         "particle_types": {n: PARTICLE_TYPES[n].description for n in PARTICLE_TYPES},
         "train_patterns": int(len(sets["train"]["seed"])),
         "train_seeds": [int(sets["train"]["seed"].min()), int(sets["train"]["seed"].max())],
-        **({"crowded_patterns": int(len(sets["crowded"]["seed"])),
-            "crowded_seeds": [int(sets["crowded"]["seed"].min()), int(sets["crowded"]["seed"].max())],
-            "crowded_recipe": "dataset.standard_sets crowded: 3 and 4 particles only, otherwise as train"}
-           if "crowded" in sets else {}),
-        **({"close_patterns": int(len(sets["close"]["seed"])),
-            "close_seeds": [int(sets["close"]["seed"].min()), int(sets["close"]["seed"].max())],
-            "close_recipe": "dataset.close_specs: 2-4 particles, closest pair < 0.5 diameters in projection, "
-                            "otherwise as train"}
-           if "close" in sets else {}),
+        **{f"{name}_{key}": value for name, recipe in EXTRA_SET_RECIPES.items() if name in sets
+           for key, value in (("patterns", int(len(sets[name]["seed"]))),
+                              ("seeds", [int(sets[name]["seed"].min()), int(sets[name]["seed"].max())]),
+                              ("recipe", recipe))},
         **({"random_shape_patterns": int(len(extra["seed"])),
             "random_shapes": [f"{RANDOM_PREFIX}0", f"{RANDOM_PREFIX}{random_shapes - 1}"],
             "random_seeds": [int(extra["seed"].min()), int(extra["seed"].max())],
@@ -352,7 +354,7 @@ def random_patterns(sets: dict, random_shapes: int) -> dict:
 def training_data(sets: dict, random_shapes: int) -> dict:
     """The seen types' training patterns, joined by the crowded and close sets' (if loaded) and those of the
     first `random_shapes` procedural particles."""
-    parts = [sets["train"]] + [sets[name] for name in ("crowded", "close") if name in sets]
+    parts = [sets["train"]] + [sets[name] for name in EXTRA_SET_RECIPES if name in sets]
     parts += [random_patterns(sets, random_shapes)] if random_shapes else []
     return joined(*parts) if len(parts) > 1 else parts[0]
 
