@@ -459,6 +459,34 @@ def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projectio
     assert table["1-inf diameters"]["count_accuracy"] == 1.0
 
 
+def test_every_miscounted_shot_is_listed_with_its_seed_call_and_draws():
+    from dials_diffnet.spi.dataset import row_spec, smallest_projected_separation
+    from dials_diffnet.spi.evaluate import card_figures, multi_metrics
+
+    class CallsTwo(torch.nn.Module):  # every shot called a double hit, P = e / (e + 3)
+        def forward(self, x):
+            count = torch.zeros(len(x), 4)
+            count[:, 1] = 1.0
+            return {"count_logits": count, "type_logits": torch.zeros(len(x), 8)}
+
+    seeds = np.arange(SEED_BASES["check"] + 600, SEED_BASES["check"] + 608)
+    data = {"x": np.zeros((8, 2, 4, 4), np.float16), "seed": seeds, "particle": np.array(["spike"] * 8),
+            "count": np.tile([1, 2, 3, 4], 2), "noise": np.array(["noisy"] * 8), "pool": np.array(["train"] * 8)}
+    rows = np.arange(1, 8)  # row 0 (a single hit) left out: it must not be listed
+    metrics = multi_metrics(CallsTwo(), {"particle_types": ["spike"] * 8}, data, rows)
+    errors = metrics["count_errors"]
+    assert [e["seed"] for e in errors] == [int(s) for s in seeds[[2, 3, 4, 6, 7]]]
+    assert [e["count"] for e in errors] == [3, 4, 1, 3, 4] and all(e["called"] == 2 for e in errors)
+    assert errors[2]["closest_pair_diameters"] is None  # a single hit has no pair (JSON has no infinity)
+    assert errors[0]["p_called"] == pytest.approx(np.e / (np.e + 3), abs=1e-3)
+    params = sim.shot_params(int(seeds[2]), "spike", 3, "noisy", "train")
+    assert errors[0]["closest_pair_diameters"] == pytest.approx(smallest_projected_separation(row_spec(data, 2)), abs=0.01)
+    assert (errors[0]["energy_kev"], errors[0]["distance_mm"]) == (params.energy_kev, params.distance_mm)
+    assert errors[0]["fluence_factor"] == pytest.approx(params.fluence / sim.NOMINAL_FLUENCE, abs=0.01)
+    assert metrics["count_accuracy"] == pytest.approx(2 / 7)
+    assert card_figures({"noisy": metrics}) == {"noisy": {k: v for k, v in metrics.items() if k != "count_errors"}}
+
+
 def test_validation_sets_hold_enough_patterns_for_few_shot_scoring_at_any_scale():
     from collections import Counter
 
