@@ -214,7 +214,7 @@ def representation_rate(n: int = 20) -> float:
 
 
 def print_tables(results: dict):
-    print("\nMulti-output CNN (held-out seeds and detector geometries, seen particle types)")
+    print(f"\nMulti-output CNN, seen particle types ({results['protocol']['sets']})")
     print(f"{'test set':<14} {'n':>5} {'test acc':>9} {'count acc':>10} {'particle acc':>13} {'single/multi':>13}")
     views = results["protocol"]["default_views"]
     for key, how in (("multi", ""), ("multi_default_views", f", {views} views")):
@@ -313,7 +313,9 @@ def main(argv=None):
         "twin_unseen_default_views": twin_metrics(twin, sets["unseen"], views=views),
         "twin_seen_test": twin_metrics(twin, sets["test"]),
         "unseen_types": UNSEEN_TYPES,
-        "protocol": {"n_support_per_class": N_SUPPORT, "trials": TRIALS, "default_views": views,
+        "protocol": {"sets": "validation sets: training geometries, seeds 5,000,000+" if args.validation
+                     else "test sets: held-out seeds and detector geometries",
+                     "n_support_per_class": N_SUPPORT, "trials": TRIALS, "default_views": views,
                      "noisy": multi_card["training"]["data"]["noisy"]},
     }
     if args.sweep:
