@@ -453,7 +453,7 @@ def test_count_accuracy_is_split_by_how_far_apart_the_particles_are_in_projectio
                                      / (2 * bead_model("rod").radius))
     assert (pairs <= 3.0 + 1e-9).all() and (separation[data["count"] > 1] >= 0).all()
     count_ok = separation > 0.75  # a stand-in for "counted right"
-    table = accuracy_by_separation(data, np.arange(40), count_ok)
+    table = accuracy_by_separation(separation, count_ok)
     assert sum(v["n"] for v in table.values()) == 30  # every multiple hit in one bin, no single hit
     assert table["0-0.5 diameters"]["count_accuracy"] in (0.0, None)
     assert table["1-inf diameters"]["count_accuracy"] == 1.0
