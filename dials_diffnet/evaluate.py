@@ -247,6 +247,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def batch_to(x: torch.Tensor, device) -> torch.Tensor:
+    """A batch as float32 on `device`; image batches channels-last (oneDNN's and cuDNN's fast layout)."""
+    x = x.to(device, non_blocking=True).float()
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 @torch.no_grad()
 def run_model(model, loader, device) -> tuple[dict, dict]:
     """(outputs, labels): the model's outputs (CPU float32) and the batches' labels over a loader of
@@ -255,9 +261,7 @@ def run_model(model, loader, device) -> tuple[dict, dict]:
     outputs, labels = [], []
     for x, batch_labels in loader:
         labels.append(batch_labels)
-        x = x.to(device, non_blocking=True).float()
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = batch_to(x, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(x)
         outputs.append({k: v.float().cpu() for k, v in out.items()})

@@ -206,18 +206,24 @@ def test_twin_training_in_the_shared_loop_separates_counts_on_validation():
     assert history[-1]["val_single_vs_multi"] > 0.95
 
 
+def brightness_patterns(rng, per_count):
+    """Patterns whose particle count is plain to see: their brightness."""
+    from dials_diffnet.spi.particles import SEEN_TYPES
+
+    count = np.repeat(np.arange(1, 5), per_count)
+    x = np.ones((len(count), 2, SPI_GRID.size, SPI_GRID.size), np.float16)
+    x[:, 0] = (0.7 * count[:, None, None] + rng.normal(0, 0.3, (len(count), SPI_GRID.size, SPI_GRID.size)))
+    return {"x": x, "count": count, "particle": np.array([SEEN_TYPES[i % 2] for i in range(len(count))])}
+
+
 def test_multi_training_in_the_shared_loop_learns_the_count():
     """train_multi runs in train.fit on patterns whose count is plain to see (brightness): it learns it."""
-    from dials_diffnet.spi.particles import SEEN_TYPES
     from dials_diffnet.spi.train import MULTI, train_multi
 
     rng = np.random.default_rng(1)
 
     def patterns(per_count):
-        count = np.repeat(np.arange(1, 5), per_count)
-        x = np.ones((len(count), 2, SPI_GRID.size, SPI_GRID.size), np.float16)
-        x[:, 0] = (0.7 * count[:, None, None] + rng.normal(0, 0.3, (len(count), SPI_GRID.size, SPI_GRID.size)))
-        return {"x": x, "count": count, "particle": np.array([SEEN_TYPES[i % 2] for i in range(len(count))])}
+        return brightness_patterns(rng, per_count)
 
     model, history = train_multi(patterns(24), dict(MULTI, width=4, epochs=6, batch=16), validation=patterns(8))
     assert history[-1]["val_count_accuracy"] >= 0.9
@@ -229,6 +235,32 @@ def test_multi_training_in_the_shared_loop_learns_the_count():
     for name, value in model.state_dict().items():
         if name.endswith("weight"):
             torch.testing.assert_close(restarted.state_dict()[name], value)
+
+
+def test_bfloat16_steps_on_cpu_learn_and_hand_back_float32_weights_in_the_usual_layout(tmp_path):
+    """precision=bfloat16 runs the forward pass under CPU autocast (2x a step on AVX-512 BF16); the weights,
+    optimiser and loss stay float32, and the model leaves fit channels-first, so it saves and loads as ever."""
+    from dials_diffnet.spi.train import MULTI, train_multi
+    from dials_diffnet.train import autocast_dtype
+    from dials_diffnet.weights import load_model, save_model
+
+    rng = np.random.default_rng(2)
+    model, history = train_multi(brightness_patterns(rng, 24), dict(MULTI, width=4, epochs=6, batch=16, precision="bfloat16"),
+                                 validation=brightness_patterns(rng, 8))
+    assert history[-1]["val_count_accuracy"] >= 0.9 and history[-1]["train_loss"] < history[0]["train_loss"]
+    for name, value in model.state_dict().items():
+        assert value.dtype in (torch.float32, torch.int64) and value.is_contiguous(), name
+    save_model(model, {"name": "spi_multi", "architecture": {"class": "SpiMultiNet", "n_types": 8, "n_counts": 4, "width": 4,
+                                                             "patterson": MULTI["patterson"]}}, tmp_path / "m.safetensors")
+    loaded, _ = load_model(tmp_path / "m.safetensors")
+    x = torch.from_numpy(brightness_patterns(rng, 2)["x"]).float()
+    torch.testing.assert_close(loaded(x)["count_logits"], model(x)["count_logits"])
+    # auto keeps CPU training in float32 (how the shipped models were trained); CUDA steps run in bf16
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert autocast_dtype("float32", torch.device("cuda")) is None
+    with pytest.raises(ValueError, match="precision='half'"):
+        autocast_dtype("half", torch.device("cpu"))
 
 
 def test_unequal_training_counts_are_folded_out_of_the_count_logits_and_nothing_else():
@@ -397,11 +429,11 @@ def test_the_crowded_set_holds_only_3_and_4_particle_training_shots_on_seeds_of_
     assert "crowded" not in dataset.standard_sets(train_per_class=1)
 
 
-def test_the_close_set_holds_only_clusters_that_overlap_in_projection_on_seeds_of_its_own():
+def test_the_close_and_compact_sets_hold_only_clusters_that_overlap_in_projection_on_seeds_of_their_own():
     from dials_diffnet.spi import dataset
     from dials_diffnet.spi.particles import SEEN_TYPES
 
-    sets = dataset.standard_sets(train_per_class=600, crowded_per_class=150, close_per_class=2)
+    sets = dataset.standard_sets(train_per_class=600, crowded_per_class=150, close_per_class=2, compact_per_class=2)
     close = sets["close"]
     assert len(close) == 2 * 3 * len(SEEN_TYPES) * 2 and {s.count for s in close} == {2, 3, 4}
     assert {s.particle for s in close} == set(SEEN_TYPES) and {s.pool for s in close} == {"train"}
@@ -413,6 +445,13 @@ def test_the_close_set_holds_only_clusters_that_overlap_in_projection_on_seeds_o
     assert skipped.seed not in seeds and dataset.smallest_projected_separation(skipped) >= dataset.CLOSE_BELOW
     assert len(seeds) == len(close) and not seeds & {s.seed for s in sets["train"] + sets["crowded"]}
     assert SEED_BASES["train"] < min(seeds) and max(seeds) < SEED_BASES["test"]
+    # the compact set: 3 and 4 particles only, a pair < 0.7 diameters apart, seeds of its own
+    compact = sets["compact"]
+    assert len(compact) == 2 * 2 * len(SEEN_TYPES) * 2 and {s.count for s in compact} == {3, 4}
+    assert all(dataset.smallest_projected_separation(spec) < dataset.COMPACT_BELOW for spec in compact)
+    compact_seeds = {spec.seed for spec in compact}
+    assert len(compact_seeds) == len(compact) and not compact_seeds & (seeds | {s.seed for s in sets["train"] + sets["crowded"]})
+    assert max(seeds) < min(compact_seeds) and max(compact_seeds) < SEED_BASES["test"]
 
 
 def test_joined_sets_read_their_patterns_in_place_as_one_array():

@@ -332,6 +332,7 @@ def test_command_line_errors_are_one_line(tmp_path, toy64):
 
     for args, message in ((["nonsense=1"], "nonsense"), ([str(toy64), "model.depth=20"], "choose one of"),
                           ([str(toy64), "device=cuda:99"], "no CUDA device"),
+                          ([str(toy64), "precision=half"], "precision"),
                           ([str(toy64), f"model.init={tmp_path}/missing.safetensors"], "missing")):
         with pytest.raises(Sorry, match=message):
             run(args)

@@ -137,6 +137,10 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: Grid
 CROWDED_OFFSET = 500_000
 CLOSE_OFFSET = 700_000
 CLOSE_BELOW = 0.5  # diameters: where the count is wrong most (docs/spi.md, Results)
+# The compact set: 3 and 4 particles with a pair < 0.7 diameters apart in projection, where 10 of
+# spi_multi 0.13.0's 12 validation errors lay (docs/history/spi-training.md, session 23).
+COMPACT_OFFSET = 800_000
+COMPACT_BELOW = 0.7
 
 
 def row_spec(data: dict, row: int) -> ShotSpec:
@@ -154,14 +158,14 @@ def smallest_projected_separation(spec: ShotSpec) -> float:
     return min(gaps) / (2 * bead_model(params.particle).radius) if gaps else np.inf
 
 
-def close_specs(per_class: int, below: float = CLOSE_BELOW) -> list:
-    """per_class training shots for every (seen type, count 2-4, noise) whose closest pair of particles is
-    less than `below` diameters apart in projection: seeds counted up from the close set's base, those
-    that draw a wider cluster skipped (drawing the parameters costs nothing, simulating them does)."""
-    specs, seed = [], SEED_BASES["train"] + CLOSE_OFFSET
+def close_specs(per_class: int, below: float = CLOSE_BELOW, counts=(2, 3, 4), offset: int = CLOSE_OFFSET) -> list:
+    """per_class training shots for every (seen type, count in `counts`, noise) whose closest pair of particles
+    is less than `below` diameters apart in projection: seeds counted up from the training range's base +
+    `offset`, those that draw a wider cluster skipped (drawing the parameters costs nothing, simulating them does)."""
+    specs, seed = [], SEED_BASES["train"] + offset
     for noise in ("clean", "noisy"):
         for particle in SEEN_TYPES:
-            for count in (2, 3, 4):
+            for count in counts:
                 kept = 0
                 while kept < per_class:
                     spec = ShotSpec(seed, particle, count, noise, "train")
@@ -173,7 +177,7 @@ def close_specs(per_class: int, below: float = CLOSE_BELOW) -> list:
 
 
 def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75, crowded_per_class: int = 0,
-                  close_per_class: int = 0) -> dict:
+                  close_per_class: int = 0, compact_per_class: int = 0) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
     train:  seen types x counts 1-4 x {clean, noisy} x train_per_class, training geometry pool (a larger
@@ -184,6 +188,8 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
             training geometry pool: more of the shots the count gets wrong most (3 vs 4 particles)
     close:  (when close_per_class > 0) seen types x counts 2-4 x {clean, noisy} x close_per_class, training
             geometry pool, only clusters with two particles < 0.5 diameters apart in projection (close_specs)
+    compact: (when compact_per_class > 0) seen types x counts 3-4 x {clean, noisy} x compact_per_class, as close
+            but with a pair < 0.7 diameters apart, on seeds of its own
     test:   the same classes as train, disjoint seeds, the test geometry pool (unseen geometries)
     unseen: the held-back particle types, for the twin network's few-shot test
     """
@@ -199,6 +205,8 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
         sets["crowded"] = balanced_specs("train", SEEN_TYPES, n(crowded_per_class), offset=CROWDED_OFFSET, counts=(3, 4))
     if close_per_class:
         sets["close"] = close_specs(n(close_per_class))
+    if compact_per_class:
+        sets["compact"] = close_specs(n(compact_per_class), COMPACT_BELOW, (3, 4), COMPACT_OFFSET)
     if random_shapes:
         # a seed block per shape, so the first k shapes' patterns do not depend on how many are asked for
         per_shape = n(5)

@@ -40,7 +40,7 @@ from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
 from dials_diffnet.spi.triplet import batch_triplet_loss
-from dials_diffnet.train import fit
+from dials_diffnet.train import PRECISIONS, fit
 from dials_diffnet.weights import load_model, save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
@@ -52,22 +52,25 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # MULTI epochs 30: at 20 its training accuracy was still climbing when the learning rate ran out.
 # crowded_per_class: extra 3- and 4-particle training shots per (type, count, noise) (dataset.standard_sets).
 # close_per_class: extra 2-4-particle shots per class with two particles overlapping in projection (dataset.close_specs).
+# compact_per_class: extra 3-4-particle shots per class with a pair < 0.7 diameters apart in projection (the same).
+# precision: train.fit's (auto: float32 on CPU, as every shipped SPI model was trained).
 MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
-             random_shapes=0, seed=0, grid_size=256, train_per_class=75, crowded_per_class=0, close_per_class=0)
+             random_shapes=0, seed=0, grid_size=256, train_per_class=75, crowded_per_class=0, close_per_class=0,
+             compact_per_class=0, precision="auto")
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
             lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256, train_per_class=75,
-            crowded_per_class=0, close_per_class=0)
+            crowded_per_class=0, close_per_class=0, compact_per_class=0, precision="auto")
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
               random_shapes: int = 0, grid=SPI_GRID, names=None, train_per_class: int = 75,
-              crowded_per_class: int = 0, close_per_class: int = 0) -> dict:
+              crowded_per_class: int = 0, close_per_class: int = 0, compact_per_class: int = 0) -> dict:
     """The standard sets (train, test, unseen; random with `random_shapes`, crowded with
-    `crowded_per_class`, close with `close_per_class`; those in `names` if given) on
+    `crowded_per_class`, close with `close_per_class`, compact with `compact_per_class`; those in `names` if given) on
     `grid`, or with `validation` the validation sets (under the names test and unseen, so evaluation code
     takes either)."""
     sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes, train_per_class,
-                                                                   crowded_per_class, close_per_class)
+                                                                   crowded_per_class, close_per_class, compact_per_class)
     sets = {name: specs for name, specs in sets.items() if names is None or name in names}
     prefix = "validation_" if validation else ""
     return {
@@ -179,7 +182,7 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
         PatternSet(validation["x"], multi_labels(validation)), batch_size=256)
     result = fit(model, multi_loss, loader, val_loader, epochs=config["epochs"], lr=config["lr"],
                  weight_decay=config["weight_decay"], warmup_fraction=config["warmup"], grad_clip=config["grad_clip"],
-                 device=device)
+                 device=device, precision=config.get("precision", "auto"))
     model = model.to("cpu").eval()
     fold_count_prior(model, count_frequencies(data))
     return model, result["history"]
@@ -216,7 +219,8 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
 
     result = fit(Embedding(model), triplet_objective(config["margin"], config["mining"]), loader, val_loader,
                  epochs=config["epochs"], lr=config["lr"], weight_decay=1e-4, warmup_fraction=config["warmup"],
-                 grad_clip=config["grad_clip"], device=device, val_metrics=val_metrics)
+                 grad_clip=config["grad_clip"], device=device, val_metrics=val_metrics,
+                 precision=config.get("precision", "auto"))
     return model.to("cpu").eval(), result["history"]
 
 
@@ -224,6 +228,7 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
 EXTRA_SET_RECIPES = {
     "crowded": "dataset.standard_sets crowded: 3 and 4 particles only, otherwise as train",
     "close": "dataset.close_specs: 2-4 particles, closest pair < 0.5 diameters in projection, otherwise as train",
+    "compact": "dataset.close_specs: 3-4 particles, closest pair < 0.7 diameters in projection, otherwise as train",
 }
 
 
@@ -298,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
     parser.add_argument("--width", type=int, help="override both models' trunk width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="override both models' training arithmetic (train.autocast_dtype; auto: float32 on CPU)")
     parser.add_argument("--random-shapes", type=int,
                         help="override both models' number of procedural particles in the training data (0: none)")
     parser.add_argument("--seed", type=int, help="override both models' training seed")
@@ -308,6 +315,8 @@ def main(argv=None):
                         help="override both models' extra 3- and 4-particle shots per (type, count, noise) class")
     parser.add_argument("--close-per-class", type=int,
                         help="override both models' extra 2-4-particle shots per class with a pair overlapping in projection")
+    parser.add_argument("--compact-per-class", type=int,
+                        help="override both models' extra 3-4-particle shots per class with a pair < 0.7 diameters apart in projection")
     parser.add_argument("--lr", type=float, help="override both models' peak learning rate")
     parser.add_argument("--warmup", type=float, help="override both models' warm-up fraction of the schedule")
     parser.add_argument("--init", help="multi only: start from this trained spi_multi (its weights, a fresh "
@@ -322,7 +331,7 @@ def main(argv=None):
 
     multi_config, twin_config = dict(MULTI), dict(TWIN)
     for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size", "lr", "warmup",
-                "train_per_class", "crowded_per_class", "close_per_class"):
+                "train_per_class", "crowded_per_class", "close_per_class", "compact_per_class", "precision"):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
@@ -335,9 +344,9 @@ def main(argv=None):
             continue
         start, grid = time.time(), spi_grid(config["grid_size"])
         sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers, random_shapes=config["random_shapes"],
-                         grid=grid, names=("train", "random", "crowded", "close"),
+                         grid=grid, names=("train", "random", *EXTRA_SET_RECIPES),
                          train_per_class=config["train_per_class"], crowded_per_class=config["crowded_per_class"],
-                         close_per_class=config["close_per_class"])
+                         close_per_class=config["close_per_class"], compact_per_class=config["compact_per_class"])
         validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True, grid=grid,
                                names=(validation_set,))
         train_and_save(sets, validation, config, time.time() - start, out, device)
