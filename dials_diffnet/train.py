@@ -75,8 +75,8 @@ def lr_at(step: int, total_steps: int, max_lr: float, warmup_steps: int, final_f
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    """The dtype training steps run their forward pass in (None: float32 throughout).
+def resolve_precision(precision: str, device) -> str:
+    """The arithmetic of the training steps' forward pass on `device`: "float32" or "bfloat16" (autocast).
 
     auto: bfloat16 on CUDA, float32 on CPU, where every shipped model was trained. bfloat16 on a CPU with
     AVX-512 BF16 or AMX runs a training step 2x faster (BENCHMARKS.md, training); weights, optimiser and
@@ -85,8 +85,8 @@ def autocast_dtype(precision: str, device: torch.device):
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "bfloat16" if device.type == "cuda" else "float32"
-    return torch.bfloat16 if precision == "bfloat16" else None
+        return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return precision
 
 
 def fit(
@@ -114,7 +114,7 @@ def fit(
     in checkpoints; resuming with a different config (other than `epochs`) is refused.
     """
     device = torch.device(device)
-    step_dtype = autocast_dtype(precision, device)
+    bf16_steps = resolve_precision(precision, device) == "bfloat16"
     # channels-last suits oneDNN's CPU convolutions as well as CUDA's (1.5x a training step on this CPU)
     model.to(device).to(memory_format=torch.channels_last)
     # No weight decay on biases and BatchNorm parameters.
@@ -150,7 +150,7 @@ def fit(
                 group["lr"] = lr_at(step, total_steps, lr, warmup_steps)
             x = evaluate.batch_to(x, device)
             labels = {k: v.to(device, non_blocking=True) for k, v in labels.items()}
-            with torch.autocast(device.type, dtype=step_dtype or torch.bfloat16, enabled=step_dtype is not None):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_steps):
                 outputs = model(x)
             loss, parts = loss_fn({k: v.float() for k, v in outputs.items()}, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -290,7 +290,7 @@ def train_crystal(params) -> dict:
         "augment": params.augment,
         "seed": params.seed,
         "epochs": params.epochs,
-        "precision": params.precision,
+        "precision": resolve_precision(params.precision, device),
         "initialised_from": initialised_from,
         "loss_weights": {"hit": params.loss.hit_weight, "multi": params.loss.multi_weight},
     }

@@ -241,7 +241,7 @@ def test_bfloat16_steps_on_cpu_learn_and_hand_back_float32_weights_in_the_usual_
     """precision=bfloat16 runs the forward pass under CPU autocast (2x a step on AVX-512 BF16); the weights,
     optimiser and loss stay float32, and the model leaves fit channels-first, so it saves and loads as ever."""
     from dials_diffnet.spi.train import MULTI, train_multi
-    from dials_diffnet.train import autocast_dtype
+    from dials_diffnet.train import resolve_precision
     from dials_diffnet.weights import load_model, save_model
 
     rng = np.random.default_rng(2)
@@ -256,11 +256,10 @@ def test_bfloat16_steps_on_cpu_learn_and_hand_back_float32_weights_in_the_usual_
     x = torch.from_numpy(brightness_patterns(rng, 2)["x"]).float()
     torch.testing.assert_close(loaded(x)["count_logits"], model(x)["count_logits"])
     # auto keeps CPU training in float32 (how the shipped models were trained); CUDA steps run in bf16
-    assert autocast_dtype("auto", torch.device("cpu")) is None
-    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
-    assert autocast_dtype("float32", torch.device("cuda")) is None
+    assert resolve_precision("auto", "cpu") == "float32" and resolve_precision("auto", "cuda") == "bfloat16"
+    assert resolve_precision("float32", "cuda") == "float32" and resolve_precision("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(ValueError, match="precision='half'"):
-        autocast_dtype("half", torch.device("cpu"))
+        resolve_precision("half", "cpu")
 
 
 def test_unequal_training_counts_are_folded_out_of_the_count_logits_and_nothing_else():

@@ -187,6 +187,7 @@ def test_training_command_learns_and_writes_loadable_weights(toy128, tmp_path, m
     assert card["labels"] == {"s_min": "ring radius in the toy grid"}  # taken from the dataset recipe
     assert card["training"]["data"][0]["recipe"]["seed"] == 2 and card["training"]["seed"] == 1
     assert card["training"]["wall_time_s"] > 0 and card["training"]["device"].startswith("cpu")
+    assert card["training"]["precision"] == "float32"  # precision=auto, resolved for the CPU it ran on
     assert card["training"]["loss_weights"] == {"hit": 2.0, "multi": 1.0} and card["training"]["loss"].startswith("2 BCE(hit)")
     assert (tmp_path / "diffnet.train.checkpoint" / "last.json").is_file()
     # The loaded weights reproduce the card's validation figures.

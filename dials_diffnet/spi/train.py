@@ -40,7 +40,7 @@ from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
 from dials_diffnet.spi.triplet import batch_triplet_loss
-from dials_diffnet.train import PRECISIONS, fit
+from dials_diffnet.train import PRECISIONS, fit, resolve_precision
 from dials_diffnet.weights import load_model, save_model
 
 logger = logging.getLogger("dials.diffnet.spi.train")
@@ -304,7 +304,7 @@ def main(argv=None):
     parser.add_argument("--width", type=int, help="override both models' trunk width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--precision", choices=PRECISIONS,
-                        help="override both models' training arithmetic (train.autocast_dtype; auto: float32 on CPU)")
+                        help="override both models' training arithmetic (train.resolve_precision; auto: float32 on CPU)")
     parser.add_argument("--random-shapes", type=int,
                         help="override both models' number of procedural particles in the training data (0: none)")
     parser.add_argument("--seed", type=int, help="override both models' training seed")
@@ -335,6 +335,8 @@ def main(argv=None):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
+    for config in (multi_config, twin_config):  # the card names what ran, not "auto"
+        config["precision"] = resolve_precision(config["precision"], device)
 
     # each model is scored after every epoch on its validation set: seen types (multi), held-back types (twin)
     save_multi = functools.partial(train_and_save_multi, init=args.init)
