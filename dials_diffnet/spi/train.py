@@ -182,7 +182,7 @@ def train_multi(data: dict, config: dict = MULTI, seed: int = 0, validation: dic
         PatternSet(validation["x"], multi_labels(validation)), batch_size=256)
     result = fit(model, multi_loss, loader, val_loader, epochs=config["epochs"], lr=config["lr"],
                  weight_decay=config["weight_decay"], warmup_fraction=config["warmup"], grad_clip=config["grad_clip"],
-                 device=device, precision=config.get("precision", "auto"))
+                 device=device, precision=config["precision"])
     model = model.to("cpu").eval()
     fold_count_prior(model, count_frequencies(data))
     return model, result["history"]
@@ -220,7 +220,7 @@ def train_twin(data: dict, config: dict = TWIN, seed: int = 0, model: torch.nn.M
     result = fit(Embedding(model), triplet_objective(config["margin"], config["mining"]), loader, val_loader,
                  epochs=config["epochs"], lr=config["lr"], weight_decay=1e-4, warmup_fraction=config["warmup"],
                  grad_clip=config["grad_clip"], device=device, val_metrics=val_metrics,
-                 precision=config.get("precision", "auto"))
+                 precision=config["precision"])
     return model.to("cpu").eval(), result["history"]
 
 
