@@ -53,25 +53,33 @@ REALDATA = REPO.parent / "shared" / "realdata"
 # --- image sets ------------------------------------------------------------------------------
 
 
-SIM_FORMATS = {  # --sim-format: diffnet.simulate arguments and the set's name in the report
-    "minicbf": (["format=minicbf"], "simulated Pilatus 6M stills, miniCBF (byte-offset, as a Pilatus writes)"),
-    "cbf": (["format=cbf", "compress=False"], "simulated Pilatus 6M stills, uncompressed full CBF"),
+SIM_FORMATS = {  # --sim-format: diffnet.simulate arguments, detector, and the set's name in the report
+    "minicbf": (["format=minicbf"], "pilatus6m", "simulated Pilatus 6M stills, miniCBF (byte-offset, as a Pilatus writes)"),
+    "cbf": (["format=cbf", "compress=False"], "pilatus6m", "simulated Pilatus 6M stills, uncompressed full CBF"),
+    "nexus": (["format=nexus"], "eiger16m",
+              "simulated Eiger 16M stills, one NXmx file (bitshuffle-LZ4, as an Eiger writes)"),
 }
+IMAGE_FILES = ("shot_*.cbf", "shots_*.nxs")
+
+
+def simulated_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for pattern in IMAGE_FILES for p in directory.glob(pattern))
 
 
 def simulate_stills(directory: pathlib.Path, n_images: int, seed: int, sim_format: str) -> list[pathlib.Path]:
-    """Pilatus 6M stills, all sharing one geometry as in a serial experiment."""
+    """Stills all sharing one geometry as in a serial experiment (a NeXus run: one file holds them all)."""
     directory = directory.resolve()
+    arguments, detector, _ = SIM_FORMATS[sim_format]
     if not (directory / "index.json").is_file():
         run_command(
             [
-                diffnet_script("simulate"), f"n_images={n_images}", f"seed={seed}", "recipe.detectors=pilatus6m",
-                f"recipe.images_per_geometry={n_images}", *SIM_FORMATS[sim_format][0],
+                diffnet_script("simulate"), f"n_images={n_images}", f"seed={seed}", f"recipe.detectors={detector}",
+                f"recipe.images_per_geometry={n_images}", *arguments,
                 f"output.directory={directory}", f"output.log={directory}.log",
             ],
             cwd=directory.parent,
         )
-    return sorted(directory.glob("shot_*.cbf"))[:n_images]
+    return simulated_files(directory)
 
 
 def realdata_sets() -> dict[str, list[pathlib.Path]]:
@@ -110,12 +118,14 @@ def _read_share(expt_path, share, n_shares, barrier, seconds, mode=""):
     refs = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=True)))
     barrier.wait()  # time the reading only, not loading the experiment list
     start = time.perf_counter()
-    for ref in refs[share::n_shares]:
-        if mode == "_files":
-            with open(ref.path, "rb") as f:
+    if mode == "_files":  # every file once, however many images it holds (NeXus)
+        for path in sorted({ref.path for ref in refs})[share::n_shares]:
+            with open(path, "rb") as f:
                 while f.read(1 << 24):
                     pass
-            continue
+        seconds[share] = time.perf_counter() - start
+        return
+    for ref in refs[share::n_shares]:
         if mode == "_diffnet":
             _raw_panels(ref.imageset, ref.index, ref.imageset.get_detector(ref.index))
         else:
@@ -146,9 +156,10 @@ def time_bare_read(expt_path, nproc: int, mode: str = "") -> float:
 
 def per_image_d_min(expt_path, refl_path) -> list[float]:
     """DIALS's per-image resolution estimate (what dials.spot_counts_per_image computes)."""
-    from dials.algorithms.spot_finding import per_image_analysis
     from dials.array_family import flex
     from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from dials_diffnet.evaluate import dials_stats_per_image
 
     experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
     reflections = flex.reflection_table.from_file(str(refl_path))
@@ -156,7 +167,7 @@ def per_image_d_min(expt_path, refl_path) -> list[float]:
     reflections.map_centroids_to_reciprocal_space(experiments)
     d_min = []
     for i, experiment in enumerate(experiments):
-        stats = per_image_analysis.stats_per_image(experiment, reflections.select(reflections["id"] == i))
+        stats = dials_stats_per_image(experiment, reflections.select(reflections["id"] == i))
         d_min.extend(stats.estimated_d_min)
     return d_min
 
@@ -422,7 +433,7 @@ def main():
     parser.add_argument("--n-sim", type=int, default=120, help="simulated Pilatus 6M stills (0: none)")
     parser.add_argument("--seed", type=int, default=606)
     parser.add_argument("--sim-format", choices=sorted(SIM_FORMATS), default="minicbf")
-    parser.add_argument("--sim-dir", type=pathlib.Path, help="reuse stills simulated earlier (shot_*.cbf)")
+    parser.add_argument("--sim-dir", type=pathlib.Path, help="reuse stills simulated earlier (shot_*.cbf or shots_*.nxs)")
     parser.add_argument("--no-realdata", action="store_true")
     parser.add_argument("--model", type=pathlib.Path, help="crystal weights (default: shipped, else random)")
     parser.add_argument("--nproc", type=int, default=os.cpu_count(), help="DIALS nproc and diffnet readers")
@@ -453,14 +464,15 @@ def main():
     sim_expt = None
     if args.n_sim:
         stills = (
-            sorted(args.sim_dir.glob("shot_*.cbf"))[: args.n_sim]
+            simulated_files(args.sim_dir)[: args.n_sim]
             if args.sim_dir
-            else simulate_stills(workdir / f"pilatus6m_{args.sim_format}", args.n_sim, args.seed, args.sim_format)
+            else simulate_stills(workdir / f"{SIM_FORMATS[args.sim_format][1]}_{args.sim_format}", args.n_sim, args.seed,
+                                 args.sim_format)
         )
         # zero-oscillation miniCBFs would import as one-image sequences: stills, as serial data is processed
         sim_expt = dials_import([p.resolve() for p in stills], workdir / f"sim_{args.sim_format}",
                                 "convert_sequences_to_stills=True")
-        result = bench_set(SIM_FORMATS[args.sim_format][1], sim_expt, model, args.nproc, args.batch_size, args.views)
+        result = bench_set(SIM_FORMATS[args.sim_format][2], sim_expt, model, args.nproc, args.batch_size, args.views)
         report["sets"].append(result)
         print_rates(result)
     if not args.no_realdata and REALDATA.is_dir():

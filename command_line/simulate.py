@@ -9,7 +9,7 @@ import sys
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 
-from dials_diffnet.simulate.dataset import check_resumable, generate_shards, write_images
+from dials_diffnet.simulate.dataset import IMAGE_FORMATS, check_resumable, generate_shards, write_images
 from dials_diffnet.simulate.detectors import DETECTORS, pilatus_model
 from dials_diffnet.simulate.stills import Recipe
 from dials_diffnet.util import load_phil
@@ -21,12 +21,15 @@ help_message = """
 Simulate X-ray diffraction stills (single and multi-lattice crystals, blanks,
 weak hits) on real detector models, with labels: resolution, number of
 lattices, hit. format=cbf (or minicbf for Pilatus) writes shot_NNNNN.cbf + shot_NNNNN.json for
-dials.import; format=shards writes training tensors.
+dials.import; format=nexus writes NXmx files (one per geometry group, shots_GGGGG.nxs + .json
+labels) as an Eiger at an SSX beamline does; format=shards writes training tensors.
 
 Examples::
 
   diffnet.simulate n_images=50 output.directory=sim
   dials.import sim/shot_*.cbf
+  diffnet.simulate format=nexus recipe.detectors=eiger4m n_images=64 recipe.images_per_geometry=32
+  dials.import simulated/shots_*.nxs
   diffnet.simulate format=shards n_images=10000 seed=1 nproc=2 output.directory=train
 """
 
@@ -50,6 +53,21 @@ def recipe_from(params) -> Recipe:
     )
 
 
+def check_image_format(params):
+    """Sorry for a detector or option the chosen image format cannot hold."""
+    if params.format == "minicbf":
+        not_pilatus = [d for d in params.recipe.detectors if pilatus_model(d) is None]
+        if not_pilatus:
+            raise Sorry(f"format=minicbf is for Pilatus detectors only; not {not_pilatus}")
+    if params.format == "nexus":
+        multi_panel = [d for d in params.recipe.detectors if d in DETECTORS and len(DETECTORS[d].panels) > 1]
+        if multi_panel:
+            raise Sorry(f"format=nexus is written for single-panel detectors only; not {multi_panel}")
+    always = {"minicbf": "byte-offset compressed, as a Pilatus writes it", "nexus": "bitshuffle-LZ4 compressed, as an Eiger writes it"}
+    if params.format in always and not params.compress:
+        raise Sorry(f"format={params.format} is always {always[params.format]} (compress=False is for format=cbf)")
+
+
 def _shard_worker(args):
     out_dir, seed, n_images, recipe, shard_size, worker, n_workers, planes = args
     generate_shards(out_dir, seed, n_images, recipe, shard_size, worker, n_workers, log=logger.info, planes=planes)
@@ -65,15 +83,11 @@ def run(args=None, phil=phil_scope):
         logger.info("The following parameters have been modified:\n%s", diff)
     recipe = recipe_from(params)
     out = params.output.directory
-    if params.format in ("cbf", "minicbf"):
-        minicbf = params.format == "minicbf"
-        not_pilatus = [d for d in params.recipe.detectors if pilatus_model(d) is None]
-        if minicbf and not_pilatus:
-            raise Sorry(f"format=minicbf is for Pilatus detectors only; not {not_pilatus}")
-        if minicbf and not params.compress:
-            raise Sorry("format=minicbf is always byte-offset compressed, as a Pilatus writes it (compress=False is for format=cbf)")
-        paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress, minicbf=minicbf)
-        logger.info("Wrote %d images to %s (shot_NNNNN.cbf + .json labels)", len(paths), out)
+    if params.format in IMAGE_FORMATS:
+        check_image_format(params)
+        paths = write_images(out, params.seed, params.n_images, recipe, compress=params.compress, image_format=params.format)
+        files = "shots_GGGGG.nxs" if params.format == "nexus" else "shot_NNNNN.cbf"
+        logger.info("Wrote %d images to %s in %d files (%s + .json labels)", params.n_images, out, len(paths), files)
         return
     jobs = [(out, params.seed, params.n_images, recipe, params.shard_size, w, params.nproc, params.planes)
             for w in range(params.nproc)]

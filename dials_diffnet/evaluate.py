@@ -291,6 +291,23 @@ def evaluate_crystal(model, dataset, device, batch_size=64, workers=0) -> tuple[
 # ---------------------------------------------------------------- the DIALS baseline
 
 
+def dials_stats_per_image(experiment, reflections):
+    """DIALS's per-image spot statistics (`per_image_analysis.stats_per_image`) of one experiment's
+    reflections, which it may change.
+
+    A still's spots are all on its one image, but dials.find_spots gives the spots of a still at
+    frame k of a multi-image file (NeXus) z = k + 0.5, and stats_per_image counts a scan-less
+    experiment's spots on frame 0 only: they are moved there first.
+    """
+    from dials.algorithms.spot_finding import per_image_analysis
+    from dials.array_family import flex
+
+    if experiment.scan is None and len(reflections):
+        x, y, z = reflections["xyzobs.px.value"].parts()
+        reflections["xyzobs.px.value"] = flex.vec3_double(x, y, z - flex.floor(z))
+    return per_image_analysis.stats_per_image(experiment, reflections, resolution_analysis=True)
+
+
 def dials_baseline(experiments_path, reflections_path=None, find_spots_args=()) -> list[dict]:
     """Per-image DIALS judgement, as users get it today: spot count and `estimated_d_min`
     from `dials.algorithms.spot_finding.per_image_analysis`.
@@ -300,7 +317,6 @@ def dials_baseline(experiments_path, reflections_path=None, find_spots_args=()) 
     path, index, n_spots (all strong spots), n_spots_no_ice, estimated_d_min
     (Angstrom; NaN where DIALS gives none, i.e. at most 10 spots away from ice rings).
     """
-    from dials.algorithms.spot_finding import per_image_analysis
     from dials.array_family import flex
     from dxtbx.model import ExperimentList
 
@@ -330,7 +346,7 @@ def dials_baseline(experiments_path, reflections_path=None, find_spots_args=()) 
         selected.clean_experiment_identifiers_map()
         selected.centroid_px_to_mm(ExperimentList([experiment]))
         selected.map_centroids_to_reciprocal_space(ExperimentList([experiment]))
-        stats = per_image_analysis.stats_per_image(experiment, selected, resolution_analysis=True)
+        stats = dials_stats_per_image(experiment, selected)
         for ref, n_total, n_no_ice, d_min in zip(
             refs_by_experiment.get(i_expt, []), stats.n_spots_total, stats.n_spots_no_ice, stats.estimated_d_min
         ):
@@ -389,6 +405,7 @@ def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
     Returns (metrics, per-image rows).
     """
     from dials_diffnet.results import read_json
+    from dials_diffnet.simulate.dataset import read_image_labels
 
     document, records = read_json(records_path)
     rows = []
@@ -396,8 +413,8 @@ def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
         label_file = pathlib.Path(r.path).with_suffix(".json")
         if not label_file.is_file():
             raise ValueError(f"no simulation labels next to {r.path} (expected {label_file.name})")
-        labels = json.loads(label_file.read_text())["labels"]
-        rows.append({"path": r.path, "ok": r.ok, "d_min": r.d_min, "p_hit": r.p_hit, "p_multi": r.p_multi, **{f"label_{k}": v for k, v in labels.items()}})
+        labels = read_image_labels(r.path, r.image_number)["labels"]
+        rows.append({"key": r.key, "path": r.path, "image_number": r.image_number, "ok": r.ok, "d_min": r.d_min, "p_hit": r.p_hit, "p_multi": r.p_multi, **{f"label_{k}": v for k, v in labels.items()}})
     ok = np.array([row["ok"] for row in rows], bool)
     if not ok.any():
         raise ValueError(f"no successfully judged image in {records_path}")
@@ -415,8 +432,9 @@ def evaluate_records(records_path, with_dials=False) -> tuple[dict, list[dict]]:
     if with_dials:
         # the strong spots diffnet.predict was given, if any: DIALS judged from the same spot finding
         inputs = document["inputs"]
-        by_path = {rec["path"]: rec for rec in dials_baseline(inputs["experiments"], inputs.get("reflections"))}
-        dials_rows = [by_path[row["path"]] for row in good]
+        by_image = {(rec["identifier"], rec["path"], rec["index"]): rec
+                    for rec in dials_baseline(inputs["experiments"], inputs.get("reflections"))}
+        dials_rows = [by_image[row["key"]] for row in good]
         for row, rec in zip(good, dials_rows):
             row["dials_d_min"], row["dials_n_spots"] = rec["estimated_d_min"], rec["n_spots"]
         metrics["against_dials"] = compare_with_dials(
@@ -432,11 +450,11 @@ def format_records_table(rows) -> str:
         return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
     table = [
-        [pathlib.Path(r["path"]).name, f(r["label_d_min"]), f(r["d_min"]), f(r.get("dials_d_min")),
+        [pathlib.Path(r["path"]).name, r["image_number"], f(r["label_d_min"]), f(r["d_min"]), f(r.get("dials_d_min")),
          "yes" if r["label_is_hit"] else "no", f(r["p_hit"]), "yes" if r["label_is_multi"] else "no", f(r["p_multi"])]
         for r in rows
     ]
-    headers = ["image", "d_min label", "d_min model", "d_min DIALS", "hit label", "P(hit)", "multi label", "P(multi)"]
+    headers = ["file", "image", "d_min label", "d_min model", "d_min DIALS", "hit label", "P(hit)", "multi label", "P(multi)"]
     return tabulate(table, headers=headers)
 
 

@@ -194,9 +194,11 @@ def test_spi_missing_reference_set(in_tmp, other_stills):
     [
         (["format=minicbf", "recipe.detectors=cspad"], "Pilatus detectors only"),
         (["format=minicbf", "recipe.detectors=pilatus6m", "compress=False"], "always byte-offset"),
+        (["format=nexus", "recipe.detectors=cspad"], "single-panel detectors only"),
+        (["format=nexus", "recipe.detectors=eiger4m", "compress=False"], "always bitshuffle-LZ4"),
         (["recipe.detectors=nosuchdetector"], "Unknown detector"),
     ],
 )
 def test_simulate_refuses_what_it_cannot_write(in_tmp, args, words):
     assert_sorry(simulate_run, ["n_images=1", "output.directory=out", "output.log=None", *args], words)
-    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").glob("shot_*"))
+    assert not (in_tmp / "out").exists() or not any((in_tmp / "out").glob("shot*"))

@@ -118,7 +118,7 @@ def test_minicbf_is_read_by_the_pilatus_format_with_the_same_pixels(tmp_path):
     geometry to header precision, and a network input that differs at most in cells a pixel edge crossed."""
     from dxtbx.model.experiment_list import ExperimentListFactory
 
-    paths = write_images(tmp_path, 5, 1, SMALL, start=18, minicbf=True)
+    paths = write_images(tmp_path, 5, 1, SMALL, start=18, image_format="minicbf")
     dials("dials.import", *paths, "convert_sequences_to_stills=True", cwd=tmp_path)
     experiments = ExperimentListFactory.from_json_file(str(tmp_path / "imported.expt"))
     assert type(experiments[0].imageset.get_format_class()(paths[0])).__name__ == "FormatCBFMiniPilatus"

@@ -88,37 +88,76 @@ def generate_shards(out_dir, dataset_seed, n_images, recipe, shard_size=256, wor
         log(f"shard {k + 1}/{n_shards} done ({time.time() - t0:.0f} s)")
 
 
-def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0, minicbf=False):
-    """CBF files + per-image JSON (params and labels), for DIALS and for format tests.
+IMAGE_FORMATS = ("cbf", "minicbf", "nexus")
 
-    minicbf=True writes Pilatus miniCBF (single flat photon-counting panels only)."""
+
+def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0, image_format="cbf"):
+    """Image files + JSON (params and labels), for DIALS and for format tests.
+
+    cbf: shot_NNNNN.cbf + shot_NNNNN.json, one full CBF per shot (any detector).
+    minicbf: the same as Pilatus miniCBF (single flat photon-counting panels only).
+    nexus: shots_GGGGG.nxs + shots_GGGGG.json, one NXmx file per geometry group holding its
+    shots in order, as an Eiger at an SSX beamline writes (single-panel detectors only);
+    the JSON lists the shots' records under "shots".
+    Returns the image files written.
+    """
     from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf, write_minicbf
-    from dials_diffnet.simulate.detectors import pilatus_model, to_dxtbx
+    from dials_diffnet.simulate.detectors import pilatus_model, to_dxtbx, writes_integers
+    from dials_diffnet.simulate.nexus import PIXEL_MASK_GAP, write_nexus
 
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, not {image_format!r}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0,
-                extra={"format": "minicbf" if minicbf else "cbf", "first_index": start})
+    write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0, extra={"format": image_format, "first_index": start})
     paths = []
+    container = []  # (shot, image, record) of the geometry group being gathered into one NeXus file
+
+    def group_of(record):
+        return record["index"] // recipe.images_per_geometry
+
+    def write_container():
+        stem = out_dir / f"shots_{group_of(container[0][2]) + 1:05d}"
+        frame = container[0][1].frame
+        if len(frame.panels) != 1:
+            raise ValueError(f"{frame.model.name} has {len(frame.panels)} panels; NeXus is written for single-panel detectors")
+        gaps = np.where(frame.sensitive.reshape(container[0][1].pixels[0].shape), 0, PIXEL_MASK_GAP)
+        write_nexus(f"{stem}.nxs", to_dxtbx(frame.model, frame.panels), [shot.wavelength for shot, _, _ in container],
+                    [image.pixels[0] for _, image, _ in container], pixel_mask=gaps,
+                    integer=writes_integers(frame.model))
+        records = [dict(record, image=f"{stem.name}.nxs", image_number=k + 1) for k, (_, _, record) in enumerate(container)]
+        datasets.atomic_write(f"{stem}.json", json.dumps({"shots": records}, indent=1).encode())
+        paths.append(f"{stem}.nxs")
+        container.clear()
+
     for i, shot, image in iter_shots(dataset_seed, range(start, start + n_images), recipe):
+        record = {"seed": shot.seed, "dataset_seed": dataset_seed, "index": i, "params": shot.to_json(),
+                  "labels": image.labels}
+        if image_format == "nexus":
+            if container and group_of(record) != group_of(container[0][2]):
+                write_container()
+            container.append((shot, image, record))
+            continue
         stem = out_dir / f"shot_{i + 1:05d}"  # frame numbers from 1, as DIALS counts them
         frame = image.frame
         detector = to_dxtbx(frame.model, frame.panels)
         beam = dxtbx_beam(shot.wavelength, polarization=shot.polarization)
-        if minicbf:
+        if image_format == "minicbf":
             model = pilatus_model(frame.model.name)
             if model is None:
                 raise ValueError(f"{frame.model.name} cannot be written as a Pilatus miniCBF")
             write_minicbf(f"{stem}.cbf", detector, beam, image.pixels[0], model=model)
         else:
-            integer = frame.model.counting or frame.model.name == "rayonix340"
-            write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=integer, compress=compress)
-        record = {"image": f"{stem.name}.cbf", "seed": shot.seed, "dataset_seed": dataset_seed, "index": i,
-                  "params": shot.to_json(), "labels": image.labels}
-        datasets.atomic_write(f"{stem}.json", json.dumps(record, indent=1).encode())
+            write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=writes_integers(frame.model), compress=compress)
+        datasets.atomic_write(f"{stem}.json", json.dumps({"image": f"{stem.name}.cbf", **record}, indent=1).encode())
         paths.append(f"{stem}.cbf")
+    if container:
+        write_container()
     return paths
 
 
-def read_image_labels(cbf_path) -> dict:
-    return json.loads(pathlib.Path(cbf_path).with_suffix(".json").read_text())
+def read_image_labels(image_path, image_number=1) -> dict:
+    """The simulator's record of one image: from shot_NNNNN.json beside a CBF, or the
+    image_number-th (1-based) shot of the shots_GGGGG.json beside a NeXus file."""
+    record = json.loads(pathlib.Path(image_path).with_suffix(".json").read_text())
+    return record["shots"][image_number - 1] if "shots" in record else record

@@ -172,6 +172,11 @@ def to_dxtbx(model: DetectorModel, panels: tuple[PanelGeometry, ...]):
     return detector
 
 
+def writes_integers(model: DetectorModel) -> bool:
+    """Photon counters and the Rayonix CCD store integer counts; the integrating pixel detectors calibrated floats."""
+    return model.counting or model.name == "rayonix340"
+
+
 def pilatus_model(detector_name: str) -> str | None:
     """The Pilatus model a miniCBF header names for one of our detector models ("6M"), or None."""
     return detector_name.removeprefix("pilatus").upper() if detector_name.startswith("pilatus") else None
