@@ -247,21 +247,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def batch_to(x: torch.Tensor, device) -> torch.Tensor:
-    """A batch as float32 on `device`; image batches channels-last (oneDNN's and cuDNN's fast layout)."""
+def batch_to(x: torch.Tensor, device, memory_format=torch.channels_last) -> torch.Tensor:
+    """A batch as float32 on `device`; image batches in `memory_format` (by default channels-last,
+    oneDNN's and cuDNN's fast layout)."""
     x = x.to(device, non_blocking=True).float()
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    return x.contiguous(memory_format=memory_format) if x.ndim == 4 else x
 
 
 @torch.no_grad()
-def run_model(model, loader, device) -> tuple[dict, dict]:
+def run_model(model, loader, device, memory_format=torch.channels_last) -> tuple[dict, dict]:
     """(outputs, labels): the model's outputs (CPU float32) and the batches' labels over a loader of
-    (x, labels) batches, each concatenated in loader order."""
+    (x, labels) batches (image batches in `memory_format`), each concatenated in loader order."""
     model.eval()
     outputs, labels = [], []
     for x, batch_labels in loader:
         labels.append(batch_labels)
-        x = batch_to(x, device)
+        x = batch_to(x, device, memory_format)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(x)
         outputs.append({k: v.float().cpu() for k, v in out.items()})

@@ -192,19 +192,66 @@ def image_failure(raw, trusted_max, max_saturated_fraction: float) -> str | None
 # --- reading -----------------------------------------------------------------------------------
 
 
+def _frames_merged(document) -> tuple[dict, dict]:
+    """The .expt document with the one-frame still ImageSets that point into one multi-image file
+    (an Eiger's NeXus run, as dials.import writes it: an ImageSet per frame) merged into one ImageSet
+    per file, and {original ImageSet entry: position of its frame in the merged one}.
+
+    dxtbx builds a new format instance for every ImageSet entry, which re-reads the file's header
+    and pixel mask: 0.33 s per still of an Eiger 16M run (BENCHMARKS.md), hours for a run of
+    thousands. Merged, each file is opened once. Entries differing in anything but the frame
+    (file, external mask, gain, format parameters) are not merged.
+    """
+    merged_entries, merged_of, position = [], {}, {}
+    target = {}  # original entry -> merged entry
+    for i, entry in enumerate(document.get("imageset", [])):
+        frames = entry.get("single_file_indices")
+        if entry.get("__id__") != "ImageSet" or frames is None or len(frames) != 1 or len(entry["images"]) != 1:
+            target[i] = len(merged_entries)
+            merged_entries.append(entry)
+            continue
+        key = json.dumps({k: v for k, v in entry.items() if k != "single_file_indices"}, sort_keys=True)
+        if key not in merged_of:
+            merged_of[key] = len(merged_entries)
+            merged_entries.append(dict(entry, images=[], single_file_indices=[]))
+        merged = merged_entries[merged_of[key]]
+        if frames[0] not in merged["single_file_indices"]:
+            merged["images"].append(entry["images"][0])
+            merged["single_file_indices"].append(frames[0])
+        target[i] = merged_of[key]
+        position[i] = merged["single_file_indices"].index(frames[0])
+    experiments = [dict(e, imageset=target[e["imageset"]]) if e.get("imageset") in target else e
+                   for e in document.get("experiment", [])]
+    return dict(document, imageset=merged_entries, experiment=experiments), position
+
+
 def _image_sources(expt_path) -> list:
     """For every image (iter_image_refs order): (imageset, index) to read it, or the reason it can't be.
 
-    dxtbx refuses a whole .expt if the first file of any ImageSet is missing or unrecognised,
-    so on failure each ImageSet is loaded on its own and only its images are marked.
+    The frames of a multi-image file are read through one ImageSet (`_frames_merged`), each
+    with its own experiment's beam and detector. dxtbx refuses a whole .expt if the first file
+    of any ImageSet is missing or unrecognised, so on failure each ImageSet is loaded on its
+    own and only its images are marked.
     """
-    try:
-        experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=True)
-        return [(r.imageset, r.index) for r in iter_image_refs(experiments)]
-    except Exception:
-        pass
     with open(expt_path) as f:
         document = json.load(f)
+    try:
+        merged, position = _frames_merged(document)
+        directory = os.path.dirname(os.path.abspath(expt_path))  # relative image paths are relative to the .expt
+        experiments = ExperimentListFactory.from_dict(merged, check_format=True, directory=directory)
+        sources = []
+        for ref in iter_image_refs(ExperimentListFactory.from_dict(document, check_format=False, directory=directory)):
+            entry = document["experiment"][ref.experiment_index].get("imageset")
+            if entry not in position:
+                sources.append((experiments[ref.experiment_index].imageset, ref.index))
+                continue
+            experiment, frame = experiments[ref.experiment_index], position[entry]
+            experiment.imageset.set_beam(experiment.beam, frame)
+            experiment.imageset.set_detector(experiment.detector, frame)
+            sources.append((experiment.imageset, frame))
+        return sources
+    except Exception:
+        pass
     per_experiment = {}
     for i_imageset in range(len(document.get("imageset", []))):
         members = [i for i, e in enumerate(document["experiment"]) if e.get("imageset") == i_imageset]

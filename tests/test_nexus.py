@@ -105,7 +105,7 @@ def test_the_pixel_mask_of_a_nexus_file_keeps_flagged_hot_pixels_out_of_the_netw
     inputs = {}
     for name, pixels, mask in (("clean", image.pixels[0], gaps), ("flagged", with_hot, gaps | np.where(hot, PIXEL_MASK_HOT, 0)),
                                ("unflagged", with_hot, gaps)):
-        write_nexus(tmp_path / f"{name}.nxs", detector, [shot.wavelength], [pixels], pixel_mask=mask)
+        write_nexus(tmp_path / f"{name}.nxs", detector, [(shot.wavelength, pixels)], pixel_mask=mask)
         run("dials.import", f"{name}.nxs", f"output.experiments={name}.expt", cwd=tmp_path)
         raw = read_image(load(tmp_path / f"{name}.expt")[0].imageset, 0)
         inputs[name] = (raw.valid[0], represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam)))
@@ -165,3 +165,27 @@ def test_evaluate_takes_each_frames_labels_and_dials_verdict_from_inside_the_fil
         assert row["dials_n_spots"] == int((strong["id"] == i).count(True))
     assert sum(row["label_is_hit"] for row in rows) == 4
     assert metrics["hit"]["accuracy"] >= 5 / 6
+
+
+def test_readers_open_each_nexus_file_once_and_keep_each_stills_own_models(nexus_run, tmp_path):
+    """dials.import writes an ImageSet per frame; the readers merge a file's frames into one ImageSet
+    (one format instance instead of one per still), with each still's beam and detector as its
+    experiment states them (here one still's wavelength overridden, as an import-time override does)."""
+    from dials_diffnet.inference import _image_sources
+
+    document = json.loads((nexus_run / "nx.expt").read_text())
+    assert len(document["imageset"]) == 6
+    document["beam"].append(dict(document["beam"][document["experiment"][4]["beam"]], wavelength=0.9876))
+    document["experiment"][4]["beam"] = len(document["beam"]) - 1
+    modified = tmp_path / "modified.expt"
+    modified.write_text(json.dumps(document))
+
+    sources = _image_sources(modified)
+    per_still = list(iter_image_refs(load(nexus_run / "nx.expt")))
+    assert len({id(imageset) for imageset, _ in sources}) == 2  # one per file
+    assert [frame for _, frame in sources] == [0, 1, 2, 0, 1, 2]
+    for k, ((imageset, frame), ref) in enumerate(zip(sources, per_still)):
+        expected = 0.9876 if k == 4 else ref.imageset.get_beam(ref.index).get_wavelength()
+        assert imageset.get_beam(frame).get_wavelength() == pytest.approx(expected, rel=1e-12)
+        assert imageset.get_detector(frame) == ref.imageset.get_detector(ref.index)
+        assert np.array_equal(read_image(imageset, frame).pixels[0], read_image(ref.imageset, ref.index).pixels[0])

@@ -11,7 +11,7 @@ import torch
 from dials_diffnet.datasets import (DatasetError, ShardDataset, ShardSampler, split_indices, square_symmetry,
                                     write_index, write_shard)
 from dials_diffnet.models.resnet import CrystalNet, radius_plane
-from dials_diffnet.train import crystal_loss, fit, initialise_from
+from dials_diffnet.train import crystal_loss, fit, initialise_from, training_memory_format
 from dials_diffnet.weights import load_model, save_model
 
 
@@ -341,3 +341,16 @@ def test_command_line_errors_are_one_line(tmp_path, toy64):
                           capture_output=True, text=True)
     assert done.returncode != 0
     assert "no index.json" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+
+
+def test_narrow_nets_train_channels_first_on_the_cpu_where_onednn_corrupts_channels_last():
+    """On AVX2-only CPUs oneDNN corrupts the heap training channels-last convolutions narrower than 8
+    channels (the width-4 nets of these tests aborted the test run); wider nets keep the fast layout."""
+    assert training_memory_format(CrystalNet(18, 4), "cpu") == torch.contiguous_format
+    assert training_memory_format(CrystalNet(18, 8), "cpu") == torch.channels_last
+    assert training_memory_format(CrystalNet(18, 4), "cuda") == torch.channels_last
+    model = CrystalNet(18, 4)
+    x = torch.randn(4, 2, 256, 256)
+    for _ in range(2):  # forward and backward twice in the layout fit picks: completes without a crash
+        sum(v.sum() for v in model(x.contiguous(memory_format=training_memory_format(model, "cpu"))).values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

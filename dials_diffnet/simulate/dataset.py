@@ -11,6 +11,7 @@ geometry from group i // images_per_geometry. Either form regenerates any image.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import pathlib
 import time
@@ -21,6 +22,7 @@ from dials_diffnet import datasets
 from dials_diffnet.datasets import LABELS
 from dials_diffnet.datasets import write_shard as save_shard_arrays
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, represent
+from dials_diffnet.simulate.detectors import pilatus_model, to_dxtbx, writes_integers
 from dials_diffnet.simulate.stills import LABEL_DEFINITIONS, DetectorFrame, Recipe, render, sample_geometry, sample_shot
 
 SEED_STRIDE = 1_000_000
@@ -101,43 +103,19 @@ def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0
     the JSON lists the shots' records under "shots".
     Returns the image files written.
     """
-    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf, write_minicbf
-    from dials_diffnet.simulate.detectors import pilatus_model, to_dxtbx, writes_integers
-    from dials_diffnet.simulate.nexus import PIXEL_MASK_GAP, write_nexus
+    from dials_diffnet.simulate.cbf import dxtbx_beam, write_cbf, write_minicbf  # pycbf: only when writing CBF
 
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, not {image_format!r}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_index(out_dir, dataset_seed, n_images, recipe, shard_size=0, extra={"format": image_format, "first_index": start})
+    shots = iter_shots(dataset_seed, range(start, start + n_images), recipe)
+    if image_format == "nexus":
+        groups = itertools.groupby(shots, key=lambda shot: shot[0] // recipe.images_per_geometry)
+        return [_write_nexus_group(out_dir / f"shots_{group + 1:05d}", dataset_seed, members) for group, members in groups]
     paths = []
-    container = []  # (shot, image, record) of the geometry group being gathered into one NeXus file
-
-    def group_of(record):
-        return record["index"] // recipe.images_per_geometry
-
-    def write_container():
-        stem = out_dir / f"shots_{group_of(container[0][2]) + 1:05d}"
-        frame = container[0][1].frame
-        if len(frame.panels) != 1:
-            raise ValueError(f"{frame.model.name} has {len(frame.panels)} panels; NeXus is written for single-panel detectors")
-        gaps = np.where(frame.sensitive.reshape(container[0][1].pixels[0].shape), 0, PIXEL_MASK_GAP)
-        write_nexus(f"{stem}.nxs", to_dxtbx(frame.model, frame.panels), [shot.wavelength for shot, _, _ in container],
-                    [image.pixels[0] for _, image, _ in container], pixel_mask=gaps,
-                    integer=writes_integers(frame.model))
-        records = [dict(record, image=f"{stem.name}.nxs", image_number=k + 1) for k, (_, _, record) in enumerate(container)]
-        datasets.atomic_write(f"{stem}.json", json.dumps({"shots": records}, indent=1).encode())
-        paths.append(f"{stem}.nxs")
-        container.clear()
-
-    for i, shot, image in iter_shots(dataset_seed, range(start, start + n_images), recipe):
-        record = {"seed": shot.seed, "dataset_seed": dataset_seed, "index": i, "params": shot.to_json(),
-                  "labels": image.labels}
-        if image_format == "nexus":
-            if container and group_of(record) != group_of(container[0][2]):
-                write_container()
-            container.append((shot, image, record))
-            continue
+    for i, shot, image in shots:
         stem = out_dir / f"shot_{i + 1:05d}"  # frame numbers from 1, as DIALS counts them
         frame = image.frame
         detector = to_dxtbx(frame.model, frame.panels)
@@ -149,11 +127,37 @@ def write_images(out_dir, dataset_seed, n_images, recipe, compress=True, start=0
             write_minicbf(f"{stem}.cbf", detector, beam, image.pixels[0], model=model)
         else:
             write_cbf(f"{stem}.cbf", detector, beam, image.pixels, integer=writes_integers(frame.model), compress=compress)
-        datasets.atomic_write(f"{stem}.json", json.dumps({"image": f"{stem.name}.cbf", **record}, indent=1).encode())
+        record = {"image": f"{stem.name}.cbf", **_shot_record(dataset_seed, i, shot, image)}
+        datasets.atomic_write(f"{stem}.json", json.dumps(record, indent=1).encode())
         paths.append(f"{stem}.cbf")
-    if container:
-        write_container()
     return paths
+
+
+def _shot_record(dataset_seed, i, shot, image) -> dict:
+    return {"seed": shot.seed, "dataset_seed": dataset_seed, "index": i, "params": shot.to_json(), "labels": image.labels}
+
+
+def _write_nexus_group(stem, dataset_seed, members) -> str:
+    """One geometry group's shots, an iterator of (index, ShotParams, SimulatedImage), as stem.nxs + stem.json."""
+    from dials_diffnet.simulate.nexus import PIXEL_MASK_GAP, write_nexus  # h5py: only when writing NeXus
+
+    first = next(members)
+    frame = first[2].frame
+    if len(frame.panels) != 1:
+        raise ValueError(f"{frame.model.name} has {len(frame.panels)} panels; NeXus is written for single-panel detectors")
+    gaps = np.where(frame.sensitive.reshape(first[2].pixels[0].shape), 0, PIXEL_MASK_GAP)
+    records = []
+
+    def frames():
+        for i, shot, image in itertools.chain([first], members):
+            records.append({"image": f"{stem.name}.nxs", "image_number": len(records) + 1,
+                            **_shot_record(dataset_seed, i, shot, image)})
+            yield shot.wavelength, image.pixels[0]
+
+    write_nexus(f"{stem}.nxs", to_dxtbx(frame.model, frame.panels), frames(), pixel_mask=gaps,
+                integer=writes_integers(frame.model))
+    datasets.atomic_write(f"{stem}.json", json.dumps({"shots": records}, indent=1).encode())
+    return f"{stem}.nxs"
 
 
 def read_image_labels(image_path, image_number=1) -> dict:

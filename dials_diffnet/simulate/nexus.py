@@ -46,18 +46,17 @@ def _axis(group, name, value, kind, vector, depends_on, units, offset=(0.0, 0.0,
     return axis
 
 
-def write_nexus(path, detector, wavelengths, images, pixel_mask=None, integer=True):
-    """Write `images` (a list of 2-D arrays, one per shot) of one single-panel dxtbx `detector`
-    to an NXmx file at `path`, atomically. `wavelengths`: one per image (Å). The data are int32
-    (counts rounded) when `integer`, else float32 (an integrating detector's calibrated values).
+def write_nexus(path, detector, frames, pixel_mask=None, integer=True) -> int:
+    """Write `frames`, an iterable of (wavelength in Å, 2-D array) one per shot, of one single-panel
+    dxtbx `detector` to an NXmx file at `path`, atomically; returns the number of frames. Frames are
+    written as they come (a run of thousands never sits in memory). The data are int32 (counts
+    rounded) when `integer`, else float32 (an integrating detector's calibrated values).
 
     `pixel_mask` (uint32, the panel's shape, 0 = good) is stored as the detector's pixel mask;
     the data keep whatever values the caller gives there.
     """
     if len(detector) != 1:
         raise ValueError("write_nexus writes single-panel detectors (one NXdetector_module)")
-    if len(images) == 0 or len(images) != len(wavelengths):
-        raise ValueError("write_nexus needs one wavelength per image and at least one image")
     if not h5py.h5z.filter_avail(BITSHUFFLE_FILTER):
         raise RuntimeError("the HDF5 bitshuffle filter is missing (Debian: apt-get install bitshuffle)")
     panel = detector[0]
@@ -72,9 +71,6 @@ def write_nexus(path, detector, wavelengths, images, pixel_mask=None, integer=Tr
 
         instrument = _nx_group(entry, "instrument", "NXinstrument")
         _string(instrument, "name", "diffnet simulator")
-        beam = _nx_group(instrument, "beam", "NXbeam")
-        beam.create_dataset("incident_wavelength", data=np.asarray(wavelengths, dtype=np.float64))
-        beam["incident_wavelength"].attrs["units"] = np.bytes_("angstrom")
 
         nxdetector = _nx_group(instrument, "detector", "NXdetector")
         _string(nxdetector, "sensor_material", "Si")
@@ -107,9 +103,18 @@ def write_nexus(path, detector, wavelengths, images, pixel_mask=None, integer=Tr
         data = _nx_group(entry, "data", "NXdata")
         data.attrs["signal"] = np.bytes_("data")
         stack = data.create_dataset(
-            "data", shape=(len(images), ns, nf), dtype=np.int32 if integer else np.float32, chunks=(1, ns, nf),
-            compression=BITSHUFFLE_FILTER, compression_opts=BITSHUFFLE_LZ4,
+            "data", shape=(0, ns, nf), maxshape=(None, ns, nf), dtype=np.int32 if integer else np.float32,
+            chunks=(1, ns, nf), compression=BITSHUFFLE_FILTER, compression_opts=BITSHUFFLE_LZ4,
         )
-        for i, image in enumerate(images):
-            stack[i] = np.rint(image) if integer else image
+        wavelengths = []
+        for wavelength, image in frames:
+            stack.resize(len(wavelengths) + 1, axis=0)
+            stack[len(wavelengths)] = np.rint(image) if integer else image
+            wavelengths.append(wavelength)
+        if not wavelengths:
+            raise ValueError("write_nexus needs at least one frame")
+        beam = _nx_group(instrument, "beam", "NXbeam")
+        beam.create_dataset("incident_wavelength", data=np.asarray(wavelengths, dtype=np.float64))
+        beam["incident_wavelength"].attrs["units"] = np.bytes_("angstrom")
     os.replace(tmp, path)
+    return len(wavelengths)
