@@ -11,7 +11,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: setup demo test train-crystal train-spi clean
 
 # bitshuffle: the HDF5 filter (32008) Eiger NeXus files are compressed with; Debian's DIALS lacks it.
-$(VENV)/.dials:
+$(VENV)/.dials: Makefile
 	@if ! /usr/bin/python3 -c "import dials, dxtbx, h5py; assert h5py.h5z.filter_avail(32008)" >/dev/null 2>&1; then \
 		echo "Installing Debian's DIALS and the bitshuffle HDF5 filter (apt-get install dials bitshuffle)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dials bitshuffle >/dev/null; \
