@@ -204,6 +204,7 @@ def _frames_merged(document) -> tuple[dict, dict]:
     """
     merged_entries, merged_of, position = [], {}, {}
     target = {}  # original entry -> merged entry
+    frame_positions = {}  # merged entry -> {frame in the file: its position in the merged entry}
     for i, entry in enumerate(document.get("imageset", [])):
         frames = entry.get("single_file_indices")
         if entry.get("__id__") != "ImageSet" or frames is None or len(frames) != 1 or len(entry["images"]) != 1:
@@ -213,13 +214,15 @@ def _frames_merged(document) -> tuple[dict, dict]:
         key = json.dumps({k: v for k, v in entry.items() if k != "single_file_indices"}, sort_keys=True)
         if key not in merged_of:
             merged_of[key] = len(merged_entries)
+            frame_positions[merged_of[key]] = {}
             merged_entries.append(dict(entry, images=[], single_file_indices=[]))
-        merged = merged_entries[merged_of[key]]
-        if frames[0] not in merged["single_file_indices"]:
+        target[i] = merged_of[key]
+        merged, positions = merged_entries[target[i]], frame_positions[target[i]]
+        if frames[0] not in positions:  # two experiments (lattices) may share a frame
+            positions[frames[0]] = len(merged["single_file_indices"])
             merged["images"].append(entry["images"][0])
             merged["single_file_indices"].append(frames[0])
-        target[i] = merged_of[key]
-        position[i] = merged["single_file_indices"].index(frames[0])
+        position[i] = positions[frames[0]]
     experiments = [dict(e, imageset=target[e["imageset"]]) if e.get("imageset") in target else e
                    for e in document.get("experiment", [])]
     return dict(document, imageset=merged_entries, experiment=experiments), position

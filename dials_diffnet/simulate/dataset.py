@@ -143,8 +143,6 @@ def _write_nexus_group(stem, dataset_seed, members) -> str:
 
     first = next(members)
     frame = first[2].frame
-    if len(frame.panels) != 1:
-        raise ValueError(f"{frame.model.name} has {len(frame.panels)} panels; NeXus is written for single-panel detectors")
     gaps = np.where(frame.sensitive.reshape(first[2].pixels[0].shape), 0, PIXEL_MASK_GAP)
     records = []
 

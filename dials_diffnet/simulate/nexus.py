@@ -21,7 +21,7 @@ import numpy as np
 # NeXus uses McStas coordinates (z along the beam, y up); dxtbx the imgCIF frame.
 # The change of frame is its own inverse: x -> -x, z -> -z.
 _MCSTAS_FROM_IMGCIF = np.diag([-1.0, 1.0, -1.0])
-PIXEL_MASK_GAP, PIXEL_MASK_DEAD, PIXEL_MASK_HOT = 1, 2, 16
+PIXEL_MASK_GAP, PIXEL_MASK_HOT = 1, 16
 BITSHUFFLE_FILTER, BITSHUFFLE_LZ4 = 32008, (0, 2)  # filter id; (automatic block size, LZ4)
 
 
