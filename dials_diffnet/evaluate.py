@@ -29,6 +29,8 @@ MISORIENTATION_BINS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 180.0)
 MINORITY_SHARE_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 # Bin edges for how often a crystal is called a hit against its detectable spots (a hit has >= 10).
 DETECTABLE_SPOT_BINS = (0, 5, 10, 15, 20, 30, 50, 100, np.inf)
+# Bin edges for the resolution error of hits against their detectable spots: few spots, little to read a falloff from.
+RESOLUTION_SPOT_BINS = (10, 20, 50, 100, 300, np.inf)
 # Hits are split into this many strata of similar detectable-spot count to judge multi-lattice calls.
 MULTI_SPOT_STRATA = 10
 DIALS_MIN_SPOTS_FOR_HIT = 10  # what dials.ssx_index needs to try indexing
@@ -175,6 +177,12 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
             metrics["hit_called_by_detectable_spots"] = binned_accuracy(
                 called[crystal], n_detectable[crystal], DETECTABLE_SPOT_BINS, name="fraction_called_hit"
             )
+            metrics["resolution_by_detectable_spots"] = [
+                {"lo": float(lo), "hi": float(hi),
+                 **resolution_metrics(s_pred[inside], s_true[inside])}
+                for lo, hi in zip(RESOLUTION_SPOT_BINS[:-1], RESOLUTION_SPOT_BINS[1:])
+                for inside in [symmetric & (n_detectable >= lo) & (n_detectable < hi)]
+            ]
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
         if counts_stored:  # hits are crystals
@@ -539,6 +547,12 @@ def format_tables(metrics: dict) -> str:
         text += "\n\nShots with a crystal called hits, by detectable spots (a hit has >= 10)\n" + tabulate(
             [[_bin_label(b), b["n"], f(b["fraction_called_hit"])] for b in metrics["hit_called_by_detectable_spots"]],
             headers=["detectable spots", "n", "called hit"],
+        )
+    if metrics.get("resolution_by_detectable_spots"):
+        text += "\n\nResolution of hits (not edge-limited) by detectable spots\n" + tabulate(
+            [[_bin_label(b), b["n"], f(b["pearson_r_inv_d"], ".4f"), f(b["median_rel_err_d"], ".4f"), f(b["fraction_within_10pct"])]
+             for b in metrics["resolution_by_detectable_spots"]],
+            headers=["detectable spots", "n", "Pearson r (1/d)", "median |dd|/d", "within 10% of d"],
         )
     if metrics.get("hit_operating_points"):
         text += "\n\nWhat diffnet.filter min_p_hit keeps (empty: no crystal; near miss: a crystal with < 10 spots)\n" + tabulate(

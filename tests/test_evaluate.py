@@ -106,6 +106,27 @@ def test_crystal_metrics_use_the_right_images():
     assert by_spots == {(0, 7, 0.0), (10, 3, 1.0), (15, 4, 1.0), (20, 8, 1.0), (30, 15, 1.0), (50, 12, 1.0)}
 
 
+def test_resolution_error_is_reported_by_detectable_spots():
+    rng = np.random.default_rng(3)
+    labels = labels_for(400, rng)
+    hit, edge, n_spots = labels["is_hit"], labels["edge_limited"], labels["n_detectable"]
+    # d 25 % too large on hits with fewer than 50 detectable spots, exact from 50 up; edge-limited
+    # hits (any prediction) must not count in any bin
+    s_pred = np.where(n_spots < 50, labels["s_min"] / 1.25, labels["s_min"])
+    s_pred = np.where(edge, 5.0, s_pred)
+    predictions = {"s_min": s_pred, "p_multi": np.full(400, 0.5), "p_hit": np.where(hit, 0.8, 0.3)}
+    m = evaluate.crystal_metrics(predictions, labels)
+    bins = {(b["lo"], b["hi"]): b for b in m["resolution_by_detectable_spots"]}
+    assert list(bins) == list(zip(evaluate.RESOLUTION_SPOT_BINS[:-1], evaluate.RESOLUTION_SPOT_BINS[1:]))
+    counted = hit & ~edge
+    for (lo, hi), b in bins.items():
+        assert b["n"] == (counted & (n_spots >= lo) & (n_spots < hi)).sum()
+    assert bins[(10, 20)]["median_rel_err_d"] == pytest.approx(0.25) and bins[(20, 50)]["fraction_within_10pct"] == 0.0
+    assert bins[(50, 100)]["median_rel_err_d"] == 0 and bins[(100, 300)]["fraction_within_10pct"] == 1.0
+    assert sum(b["n"] for b in bins.values()) == m["resolution"]["n"]  # every counted hit has >= 10 spots
+    assert "Resolution of hits (not edge-limited) by detectable spots" in evaluate.format_tables(m)
+
+
 def test_hit_operating_points_count_what_each_filter_bar_keeps():
     # 4 hits, 3 shots without a crystal, 2 crystals with too few spots
     is_hit = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0], bool)
