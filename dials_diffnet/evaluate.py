@@ -136,14 +136,18 @@ def edge_limited_metrics(s_pred, s_label) -> dict:
     }
 
 
+def bin_masks(values, edges):
+    """(lo, hi, mask) for each bin [lo, hi) of `values` (the last bin closed)."""
+    values = np.asarray(values, np.float64)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        yield float(lo), float(hi), (values >= lo) & ((values < hi) if hi != edges[-1] else (values <= hi))
+
+
 def binned_accuracy(correct, values, edges, name="accuracy") -> list[dict]:
     """Fraction of true flags (`correct`) in each bin [lo, hi) of `values` (the last bin closed)."""
-    correct, values = np.asarray(correct, bool), np.asarray(values, np.float64)
-    rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (values >= lo) & (values < hi) if hi != edges[-1] else (values >= lo) & (values <= hi)
-        rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()), name: _ratio(correct[inside].sum(), inside.sum())})
-    return rows
+    correct = np.asarray(correct, bool)
+    return [{"lo": lo, "hi": hi, "n": int(inside.sum()), name: _ratio(correct[inside].sum(), inside.sum())}
+            for lo, hi, inside in bin_masks(values, edges)]
 
 
 def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict:
@@ -178,10 +182,8 @@ def crystal_metrics(predictions: dict, labels: dict, summary_only=False) -> dict
                 called[crystal], n_detectable[crystal], DETECTABLE_SPOT_BINS, name="fraction_called_hit"
             )
             metrics["resolution_by_detectable_spots"] = [
-                {"lo": float(lo), "hi": float(hi),
-                 **resolution_metrics(s_pred[inside], s_true[inside])}
-                for lo, hi in zip(RESOLUTION_SPOT_BINS[:-1], RESOLUTION_SPOT_BINS[1:])
-                for inside in [symmetric & (n_detectable >= lo) & (n_detectable < hi)]
+                {"lo": lo, "hi": hi, **resolution_metrics(s_pred[symmetric & inside], s_true[symmetric & inside])}
+                for lo, hi, inside in bin_masks(n_detectable, RESOLUTION_SPOT_BINS)
             ]
         correct = (predictions["p_multi"][hit] >= 0.5) == labels["is_multi"][hit]
         is_multi = np.asarray(labels["is_multi"][hit], bool)
