@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the shipped crystallography model, end to end, on CPU (or CUDA when present):
-# training shards (seeds 1-4, 7-9, 11-15; seed 16 for the stage-10 choice), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
+# training shards (seeds 1-4, 7-9, 11-15, 17, 19; seeds 16 and 18 for the stage-10 and stage-11 choices), held-out test sets (seeds 101 and 102; 102 is a detector never seen in
 # training, Eiger 4M (seed 4 trains on an Eiger 16M), at 0.6-2.0 A, wider than stages 1-9 trained on; stage 10 covers it), training, evaluation, and the
-# model cards of both shipped crystal models: crystal (stage 10) and crystal_fast (stage 6, no signal-to-noise plane).
+# model cards of both shipped crystal models: crystal (stage 11) and crystal_fast (stage 6, no signal-to-noise plane).
 #   bash scripts/train_crystal.sh            # or: make train-crystal
 # Environment: OUT (work directory), N_TRAIN (training images per seed, default 8192), EPOCHS (default 10),
 # RESUME_EPOCHS (default "16 24 32", as the shipped model; empty: no resumed run),
@@ -14,7 +14,8 @@
 # STAGE7_EPOCHS (default 6: stage 7, the signal-to-noise plane added, on seed 11; 0: skip it),
 # STAGE8_EPOCHS (default 6: stage 8, on seeds 11 and 12; 0: skip it),
 # STAGE9_EPOCHS (default 6: stage 9, on seeds 11, 12 and 13; 0: skip it),
-# STAGE10_EPOCHS (default 5: stage 10, on seeds 14 and 15, the shipped crystal; 0: skip it).
+# STAGE10_EPOCHS (default 5: stage 10, on seeds 14 and 15; 0: skip it),
+# STAGE11_EPOCHS (default 5: stage 11, on seeds 17 and 19, the shipped crystal; 0: skip it).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export LIBTBX_BUILD=/usr/lib/cctbx/python3.11
@@ -57,6 +58,14 @@ done
 diffnet.simulate format=shards n_images=2048 seed=15 nproc=2 shard_size=128 planes=3 recipe.wavelength=0.6,2.0 \
   recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
   output.directory=train_s15 output.log=simulate_train15.log
+# Seeds 17 and 19 (session 27): fresh stills for stage 11, all at 0.6-2.0 A. Seed 18 (1,024 stills, the same recipe)
+# is, with seed 16, where stage 11 was chosen against stage 10; no stage trains on it.
+for seed in 17 19 18; do
+  n=8192; [ $seed = 18 ] && n=1024
+  diffnet.simulate format=shards n_images=$n seed=$seed nproc=2 shard_size=128 planes=3 recipe.wavelength=0.6,2.0 \
+    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+    output.directory=train_s$seed output.log=simulate_train$seed.log
+done
 # Test sets with all three planes: 2-plane models read the first two.
 diffnet.simulate format=shards n_images=1024 seed=101 nproc=2 shard_size=128 planes=3 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
@@ -103,6 +112,8 @@ next_stage 8 "${STAGE8_EPOCHS:-6}" 5e-4 train_s11 train_s12 model.planes=3 loss.
 next_stage 9 "${STAGE9_EPOCHS:-6}" 5e-4 train_s11 train_s12 train_s13 model.planes=3 loss.hit_weight=4
 # Stage 10 (0.12.0): 5 more epochs at lr 3e-4 on the fresh seeds 14 and 15, 5 % of them held out for the epoch log.
 next_stage 10 "${STAGE10_EPOCHS:-5}" 3e-4 train_s14 train_s15 model.planes=3 loss.hit_weight=4 data.val_fraction=0.05
+# Stage 11 (0.13.0): 5 more epochs at lr 3e-4 on the fresh seeds 17 and 19 (0.6-2.0 A), 5 % held out for the epoch log.
+next_stage 11 "${STAGE11_EPOCHS:-5}" 3e-4 train_s17 train_s19 model.planes=3 loss.hit_weight=4 data.val_fraction=0.05
 
 # Held-out figures for one view (the network alone), 2 (diffnet.predict's default on CPU) and 8.
 for model in crystal crystal_fast; do
