@@ -28,44 +28,32 @@ for seed in 1 2 3; do
   diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 \
     recipe.images_per_geometry=32 output.directory=train_s$seed output.log=simulate_train$seed.log
 done
-# Seed 4 adds a sixth detector, the photon-counting 75 um Eiger 16M (the held-out Eiger 4M differs in
-# size, distance range and wavelength range).
-diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=4 nproc=2 shard_size=128 \
-  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-  output.directory=train_s4 output.log=simulate_train4.log
+# The training detectors from seed 4 on: the five above and the photon-counting 75 um Eiger 16M (the held-out
+# Eiger 4M differs in size, distance range and wavelength range). six_detectors SEED N_IMAGES [PHIL...]
+six_detectors() {
+  local seed=$1 n=$2
+  shift 2
+  diffnet.simulate format=shards n_images=$n seed=$seed nproc=2 shard_size=128 "$@" \
+    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
+    output.directory=train_s$seed output.log=simulate_train$seed.log
+}
+six_detectors 4 "${N_TRAIN:-8192}"
 # Seed 7: the same six detectors; the first seed simulated with hot pixels masked (session 12; seeds
 # 1-4 of the shipped model were simulated before, so a re-run trains on slightly cleaner images).
 # Seeds 8 and 9 (session 13): two more such sets for stage 6.
-for seed in 7 8 9; do
-  diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 \
-    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-    output.directory=train_s$seed output.log=simulate_train$seed.log
-done
+for seed in 7 8 9; do six_detectors $seed "${N_TRAIN:-8192}"; done
 # Seeds 11 and 12 (session 16) and 13 (session 19): the same recipe, stored with the third, signal-to-noise plane (planes=3).
-for seed in 11 12 13; do
-  diffnet.simulate format=shards n_images=${N_TRAIN:-8192} seed=$seed nproc=2 shard_size=128 planes=3 \
-    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-    output.directory=train_s$seed output.log=simulate_train$seed.log
-done
+for seed in 11 12 13; do six_detectors $seed "${N_TRAIN:-8192}" planes=3; done
 # Seeds 14 and 15 (session 26): fresh stills for stage 10; seed 15 spans the 0.6-2.0 A beamlines use (2,048 stills).
 # Seed 16 (1,024 stills, the seed-11 recipe) is where stage 10 was chosen against stage 9; no stage trains on it.
-for seed in 14 16; do
-  n=8192; [ $seed = 16 ] && n=1024
-  diffnet.simulate format=shards n_images=$n seed=$seed nproc=2 shard_size=128 planes=3 \
-    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-    output.directory=train_s$seed output.log=simulate_train$seed.log
-done
-diffnet.simulate format=shards n_images=2048 seed=15 nproc=2 shard_size=128 planes=3 recipe.wavelength=0.6,2.0 \
-  recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-  output.directory=train_s15 output.log=simulate_train15.log
+six_detectors 14 8192 planes=3
+six_detectors 16 1024 planes=3
+six_detectors 15 2048 planes=3 recipe.wavelength=0.6,2.0
 # Seeds 17 and 19 (session 27): fresh stills for stage 11, all at 0.6-2.0 A. Seed 18 (1,024 stills, the same recipe)
 # is, with seed 16, where stage 11 was chosen against stage 10; no stage trains on it.
-for seed in 17 19 18; do
-  n=8192; [ $seed = 18 ] && n=1024
-  diffnet.simulate format=shards n_images=$n seed=$seed nproc=2 shard_size=128 planes=3 recipe.wavelength=0.6,2.0 \
-    recipe.images_per_geometry=32 "recipe.detectors=pilatus6m pilatus2m rayonix340 cspad jungfrau4m eiger16m" \
-    output.directory=train_s$seed output.log=simulate_train$seed.log
-done
+six_detectors 17 8192 planes=3 recipe.wavelength=0.6,2.0
+six_detectors 19 8192 planes=3 recipe.wavelength=0.6,2.0
+six_detectors 18 1024 planes=3 recipe.wavelength=0.6,2.0
 # Test sets with all three planes: 2-plane models read the first two.
 diffnet.simulate format=shards n_images=1024 seed=101 nproc=2 shard_size=128 planes=3 recipe.images_per_geometry=16 \
   output.directory=test_s101 output.log=simulate_test101.log
