@@ -9,7 +9,7 @@ import pytest
 from dials_diffnet.images import iter_image_refs, read_image
 from dials_diffnet.representation import cached_grid_map, represent
 from dials_diffnet.simulate.dataset import iter_shots, read_image_labels, write_images, write_index
-from dials_diffnet.simulate.stills import DetectorFrame, Recipe, render, sample_shot
+from dials_diffnet.simulate.stills import DetectorFrame, Recipe, render, resolution_label, sample_shot
 
 SMALL = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(1.0, 0.0, 0.0))
 GEOMETRY = dict(detector="pilatus2m", distance=150.0, wavelength=1.0, beam_xy=(0.3, -0.2), beamstop=(2.0, 90.0))
@@ -72,6 +72,23 @@ def test_multi_lattice_label_matches_shares():
         # a lattice also needs 5 detectable spots, so the label can only be stricter than shares alone
         assert labels["is_multi"] <= expected
         assert np.isfinite(labels["misorientation_deg"])
+
+
+def test_labels_follow_from_the_reflections_the_image_carries():
+    """`SimulatedImage.reflections` (what scripts/resolution_oracle.py reads) is what the labels were made of."""
+    recipe = Recipe(detectors={"pilatus2m": 1.0}, p_blank=0.0, lattice_counts=(0.0, 1.0, 0.0))
+    checked = 0
+    for _, shot, image in iter_shots(9, range(4), recipe, noise=False):
+        s, ios, lattice = (image.reflections[k] for k in ("s", "ios", "lattice"))
+        labels = image.labels
+        assert len(s) == len(ios) == len(lattice) and set(np.unique(lattice)) <= {0, 1}
+        assert labels["n_detectable"] == int((ios >= 3.0).sum())
+        assert s.max() <= image.frame.s.max() + 1e-9
+        if labels["is_hit"] and not labels["edge_limited"]:
+            assert labels["s_min"] == pytest.approx(resolution_label(s, ios)[0])
+            assert s.min() < labels["s_min"] < s.max()
+            checked += 1
+    assert checked >= 1
 
 
 @pytest.fixture(scope="module")

@@ -363,6 +363,7 @@ class SimulatedImage:
     valid: list
     labels: dict
     frame: DetectorFrame
+    reflections: dict  # the recorded reflections the labels come from: |q| "s", expected "ios", "lattice" index
 
 
 def render(shot: ShotParams, frame: DetectorFrame, noise=True) -> SimulatedImage:
@@ -426,7 +427,10 @@ def render(shot: ShotParams, frame: DetectorFrame, noise=True) -> SimulatedImage
 
     expected = bg + signal
     pixels_flat, valid_flat = detector_response(expected, shot, frame, rng, noise, valid_flat)
-    labels = make_labels(shot, refl_s, refl_ios, refl_lattice, s_det_max)
+    reflections = {"s": np.concatenate(refl_s) if refl_s else np.zeros(0),
+                   "ios": np.concatenate(refl_ios) if refl_ios else np.zeros(0),
+                   "lattice": np.concatenate(refl_lattice) if refl_lattice else np.zeros(0, int)}
+    labels = make_labels(shot, reflections, s_det_max)
     pixels, valid = [], []
     for i, (ns_, nf_) in enumerate(frame.shapes):
         a, b = frame.offsets[i], frame.offsets[i + 1]
@@ -434,7 +438,7 @@ def render(shot: ShotParams, frame: DetectorFrame, noise=True) -> SimulatedImage
         ok[isolated_overloads(panel, ok, model.trusted_range[1])] = False  # as images.read_image does
         pixels.append(panel)
         valid.append(ok)
-    return SimulatedImage(pixels=pixels, valid=valid, labels=labels, frame=frame)
+    return SimulatedImage(pixels=pixels, valid=valid, labels=labels, frame=frame, reflections=reflections)
 
 
 def detector_response(expected, shot, frame, rng, noise, sensitive):
@@ -466,10 +470,8 @@ def detector_response(expected, shot, frame, rng, noise, sensitive):
     return values, valid
 
 
-def make_labels(shot, refl_s, refl_ios, refl_lattice, s_det_max):
-    s = np.concatenate(refl_s) if refl_s else np.zeros(0)
-    ios = np.concatenate(refl_ios) if refl_ios else np.zeros(0)
-    lat = np.concatenate(refl_lattice) if refl_lattice else np.zeros(0, int)
+def make_labels(shot, reflections, s_det_max):
+    s, ios, lat = reflections["s"], reflections["ios"], reflections["lattice"]
     detectable = ios >= DETECTABLE_IOS
     n_det = int(detectable.sum())
     per_lattice = np.array([int((detectable & (lat == i)).sum()) for i in range(len(shot.lattices))])
