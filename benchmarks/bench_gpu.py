@@ -3,7 +3,7 @@
 bench_vs_dials.py needs DIALS on the machine it runs on; this one needs only the package's models, weights
 and the SPI simulator (all import without DIALS), so it is the GPU check to run when a GPU is lent:
 
-    python benchmarks/bench_gpu.py --json $OUT/gpu.json            # CUDA if present, else CPU
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --json $OUT/gpu.json   # on the device: CUDA if present, else CPU
     python benchmarks/bench_gpu.py --device cpu --batches 2        # the same figures on this machine's CPU
 
 It times, on one device, in one run:
