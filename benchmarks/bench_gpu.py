@@ -20,28 +20,11 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 import time
 
 import torch
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_per_call(fn, device, repeats: int) -> float:
-    """Median wall time of fn() after two warm-up calls."""
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from common import seconds_per_call, write_json
 
 
 def inference_rates(device, batch: int, repeats: int) -> dict:
@@ -57,7 +40,7 @@ def inference_rates(device, batch: int, repeats: int) -> dict:
             def step():
                 with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     model(x)
-            rates[f"{name} {precision}"] = round(batch / seconds_per_call(step, device, repeats), 1)
+            rates[f"{name} {precision}"] = round(batch / seconds_per_call(step, repeats, device), 1)
     return rates
 
 
@@ -83,7 +66,7 @@ def training_rates(device, batch: int, repeats: int) -> dict:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-        rates[f"crystal width {width} bf16"] = round(batch / seconds_per_call(step, device, repeats), 1)
+        rates[f"crystal width {width} bf16"] = round(batch / seconds_per_call(step, repeats, device), 1)
     return rates
 
 
@@ -122,8 +105,7 @@ def main(argv=None):
         result[name] = measure()
         print(name, json.dumps(result[name]), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
-from common import load_average, write_json
+from common import load_average, seconds_per_call, write_json
 
 WAYS = {"float32, channels-first": (torch.contiguous_format, None),
         "float32, channels-last": (torch.channels_last, None),
@@ -40,17 +38,15 @@ def seconds_per_step(make, planes: int, layout, dtype, steps: int) -> float:
     model = make().to(memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     x = torch.randn(32, planes, 256, 256).contiguous(memory_format=layout)
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
+
+    def step():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             outputs = model(x)
         loss = sum(v.float().square().mean() for v in outputs.values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    return seconds_per_call(step, steps)
 
 
 def main():

@@ -80,5 +80,26 @@ def image_files(expt_path) -> list[str]:
     return sorted({ref.path for ref in iter_image_refs(experiments)})
 
 
+def seconds_per_call(fn, repeats: int, device=None) -> float:
+    """Median wall time of fn() over `repeats` calls after two warm-up calls (CUDA work waited for)."""
+    import statistics
+
+    import torch
+
+    def wait():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for i in range(repeats + 2):
+        wait()
+        start = time.perf_counter()
+        fn()
+        wait()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def write_json(path, document) -> None:
     pathlib.Path(path).write_text(json.dumps(document, indent=1) + "\n")

@@ -68,11 +68,15 @@ def design(rows, threshold):
     return np.array([features(r, threshold) for r in rows]), np.array([r["s_min"] for r in rows])
 
 
+def summary(resolution: dict) -> dict:
+    """The figures this probe reports, from an `evaluate.resolution_metrics` dict."""
+    return {"n": resolution["n"], "r_inv_d": resolution["pearson_r_inv_d"], "median_rel_d": resolution["median_rel_err_d"]}
+
+
 def agreement(s_pred, s_true) -> dict:
     from dials_diffnet.evaluate import resolution_metrics
 
-    m = resolution_metrics(s_pred, s_true)
-    return {"n": m["n"], "r_inv_d": m["pearson_r_inv_d"], "median_rel_d": m["median_rel_err_d"]}
+    return summary(resolution_metrics(s_pred, s_true))
 
 
 def cnn_on(directory, model_path, views):
@@ -86,9 +90,8 @@ def cnn_on(directory, model_path, views):
 
     model, card = load_model(model_path)
     data = datasets.ShardDataset(directory, planes=card["architecture"]["in_channels"])
-    _, predictions = evaluate_crystal(ViewAveraged(model, views), data, torch.device("cpu"))
-    scored = np.asarray(data.labels["is_hit"]) & ~np.asarray(data.labels["edge_limited"])
-    return agreement(predictions["s_min"][scored], np.asarray(data.labels["s_min"])[scored])
+    metrics, _ = evaluate_crystal(ViewAveraged(model, views), data, torch.device("cpu"))
+    return summary(metrics["resolution"])  # over the hits that are not edge-limited, as `design` scores
 
 
 def main(argv=None):
