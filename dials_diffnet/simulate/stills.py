@@ -48,14 +48,16 @@ HIT_MIN_SPOTS = 10
 MULTI_MIN_SHARE = 0.15
 MULTI_MIN_SPOTS = 5
 ICE_D_SPACINGS = (3.897, 3.669, 3.441, 2.671, 2.249, 2.072, 1.948, 1.918, 1.883, 1.721)
-# Eiger 4M and 16M are held out of training: evaluation on them tests unseen detectors.
+# The detectors of the first training seeds (1-3); from seed 4 on the recipe adds the Eiger 16M
+# (scripts/train_crystal.sh). The Eiger 4M is never trained on: evaluation on it tests an unseen detector.
 TRAINING_DETECTORS = ("pilatus6m", "pilatus2m", "rayonix340", "cspad", "jungfrau4m")
 LABEL_DEFINITIONS = __doc__[__doc__.index("Labels") :].strip()
 
 
 @dataclass
 class Recipe:
-    """What a data set covers. Defaults are the training recipe of the shipped models."""
+    """What a data set covers. Defaults are the first training seeds' recipe; later seeds widen
+    the detectors and wavelengths by PHIL (scripts/train_crystal.sh)."""
 
     detectors: dict = field(
         default_factory=lambda: dict.fromkeys(TRAINING_DETECTORS, 1.0)
