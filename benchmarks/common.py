@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import time
@@ -82,8 +83,6 @@ def image_files(expt_path) -> list[str]:
 
 def seconds_per_call(fn, repeats: int, device=None) -> float:
     """Median wall time of fn() over `repeats` calls after two warm-up calls (CUDA work waited for)."""
-    import statistics
-
     import torch
 
     def wait():
