@@ -8,6 +8,7 @@ import logging
 
 from dials.util import Sorry, log, show_mail_handle_errors, tabulate
 from dials.util.version import dials_version
+from libtbx import Auto
 
 from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, write_records
 from diffnet.predict import phil_scope as predict_scope
@@ -17,6 +18,10 @@ from dials_diffnet.results import match_records, read_json, write_experiments, w
 from dials_diffnet.util import check_outputs, load_phil, parse_command_line
 
 logger = logging.getLogger("dials.diffnet.filter")
+
+# min_p_hit=Auto for records of a crystal model whose card names no bar (made before session 30): the bar
+# session 16 chose, and crystal_fast's under session 30's rule too (docs/commands.md)
+FALLBACK_MIN_P_HIT = 0.3
 
 help_message = """
 Keep the images that diffnet judges worth processing and write them as a new
@@ -71,6 +76,14 @@ def rejection(record, params) -> str | None:
     if params.d_min is not None and record.d_min > params.d_min:
         return f"d_min worse than {params.d_min:g} A"
     return None
+
+
+def auto_min_p_hit(models: dict):
+    """(bar, where it came from) for min_p_hit=Auto: the bar the judging crystal model's card records."""
+    crystal = (models or {}).get("crystal") or {}
+    if crystal.get("min_p_hit") is not None:
+        return crystal["min_p_hit"], f"the card of {crystal.get('name')} {crystal.get('version')}"
+    return FALLBACK_MIN_P_HIT, "the default for models whose card records no bar"
 
 
 def is_rotation(experiment) -> bool:
@@ -164,14 +177,19 @@ def run(args=None, phil=working_phil):
         raise Sorry(f"{expt_path} lacks unique experiment identifiers; re-import the images with dials.import")
     refs = list(iter_image_refs(experiments))
     if json_in:
-        _, records = read_json(json_in)
+        header, records = read_json(json_in)
         records = match_records(records, refs, json_in)
+        models = header.get("models")
         logger.info(f"Using the records of {json_in}")
     else:
         task, records = predict(params, experiments, expt_path)
+        models = task.models
         if out.json:
             write_records(out.json, task, records, "diffnet.filter", expt_path, refl_path)
             logger.info(f"Saved per-image records to {out.json}")
+    if params.min_p_hit is Auto:
+        params.min_p_hit, source = auto_min_p_hit(models)
+        logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
 
     kept, image_counts, sweep_counts = choose_experiments(experiments, refs, records, params)
     isolate_still_imagesets(experiments, refs, kept)

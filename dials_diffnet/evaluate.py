@@ -34,9 +34,9 @@ RESOLUTION_SPOT_BINS = (10, 20, 50, 100, 300, np.inf)
 # Hits are split into this many strata of similar detectable-spot count to judge multi-lattice calls.
 MULTI_SPOT_STRATA = 10
 DIALS_MIN_SPOTS_FOR_HIT = 10  # what dials.ssx_index needs to try indexing
-# diffnet.filter min_p_hit values worth knowing the cost of: the default and the lower bars docs/commands.md
-# weighs (0.1 was chosen on a validation split, session 16), most permissive last.
-HIT_OPERATING_POINTS = (0.5, 0.3, 0.2, 0.1)
+# diffnet.filter min_p_hit values worth knowing the cost of, most permissive last: the candidates of the rule
+# that chose the shipped models' bars (docs/commands.md; crystal 0.15, crystal_fast 0.3).
+HIT_OPERATING_POINTS = (0.5, 0.3, 0.2, 0.15, 0.1, 0.05)
 
 
 # ---------------------------------------------------------------- metric functions

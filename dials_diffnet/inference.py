@@ -86,8 +86,12 @@ def load_task_model(weights_path, device: torch.device):
 
 
 def card_summary(card: dict) -> dict:
-    """What the records file says of a model."""
-    return {k: card.get(k) for k in ("name", "version", "sha256", "representation_version")}
+    """What the records file says of a model; for a crystal model whose card records the P(hit) bar chosen
+    for it, that bar too (diffnet.filter min_p_hit=Auto reads it from the records file)."""
+    summary = {k: card.get(k) for k in ("name", "version", "sha256", "representation_version")}
+    if "operating_point" in card:
+        summary["min_p_hit"] = card["operating_point"]["min_p_hit"]
+    return summary
 
 
 class CrystalTask:

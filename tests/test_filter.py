@@ -68,6 +68,25 @@ def test_filter_keeps_exactly_the_passing_stills(four_stills, tmp_path):
         assert (reflections["id"] == new_id).count(True) == (strong["id"] == old_id).count(True) > 0
 
 
+@pytest.mark.parametrize("card_bar, bar, kept", [(0.15, "0.15", [0, 1, 3]), (None, "0.3", [3])])
+def test_min_p_hit_auto_is_the_bar_of_the_judging_models_card(four_stills, tmp_path, card_bar, bar, kept):
+    """Auto takes the bar the crystal model's card records (the records file carries it); a card that
+    records none (models made before session 30) gets 0.3."""
+    expt, refl, records_json = four_stills
+    rules = edited_json(records_json, tmp_path / "rules.json", p_hit=[0.2, 0.2, 0.1, 0.9])
+    document = json.loads(rules.read_text())
+    document["models"]["crystal"].pop("min_p_hit", None)
+    if card_bar is not None:
+        document["models"]["crystal"]["min_p_hit"] = card_bar
+    rules.write_text(json.dumps(document))
+    result = diffnet(tmp_path, "filter", expt, refl, rules)
+    assert result.returncode == 0, result.stderr
+    assert f"min_p_hit={bar}, from" in result.stdout
+    original = ExperimentListFactory.from_json_file(str(expt), check_format=False)
+    filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=False)
+    assert list(filtered.identifiers()) == [original[i].identifier for i in kept]
+
+
 def test_filter_predicts_itself_without_json_and_drops_failed_by_default(four_stills, crystal_model, tmp_path):  # noqa: F811
     expt, _, _ = four_stills
     result = diffnet(tmp_path, "filter", expt, f"model.crystal={crystal_model}", "nproc=0", "min_p_hit=0", "max_p_multi=1")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from libtbx import Auto
 
 from dials_diffnet.weights import card_path, shipped_path
 
@@ -45,10 +46,12 @@ def test_filter_keeps_exactly_the_images_its_rules_pass(ssx_run):
 
     from diffnet.filter import phil_scope
 
-    defaults = phil_scope.extract()  # the default rules: a hit bar, no multi-lattice rule
-    assert defaults.min_p_hit == 0.3 and defaults.max_p_multi is None
-    records = json.loads((ssx_run / "diffnet.json").read_text())["records"]
-    passing = {r["path"] for r in records if r["ok"] and r["p_hit"] >= defaults.min_p_hit}
+    defaults = phil_scope.extract()  # the default rules: the model card's hit bar, no multi-lattice rule
+    assert defaults.min_p_hit is Auto and defaults.max_p_multi is None
+    document = json.loads((ssx_run / "diffnet.json").read_text())
+    bar = json.loads(card_path(shipped_path("crystal")).read_text())["operating_point"]["min_p_hit"]
+    assert document["models"]["crystal"]["min_p_hit"] == bar
+    passing = {r["path"] for r in document["records"] if r["ok"] and r["p_hit"] >= bar}
     kept = ExperimentListFactory.from_json_file(str(ssx_run / "filtered.expt"), check_format=True)
     kept_paths = {e.imageset.get_path(0) for e in kept}
     assert kept_paths == passing and all(len(e.imageset) == 1 for e in kept)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from dials_diffnet.inference import card_summary
 from dials_diffnet.weights import MAX_FILE_BYTES, SHIPPED_DIR, WeightError, load_model
 
 SHIPPED = ("crystal", "crystal_fast", "spi_multi", "spi_twin")
@@ -32,6 +33,11 @@ def test_shipped_model_loads_and_its_card_documents_it(name):
     assert card["evaluation"]
     if card["task"] == "crystal":  # each evaluation names the command that made it
         assert all(e["command"].startswith("diffnet.evaluate ") for e in card["evaluation"].values())
+        # the P(hit) bar diffnet.filter min_p_hit=Auto uses, how it was chosen, and what it costs on held-out stills
+        bar = card["operating_point"]
+        assert bar["min_p_hit"] == {"crystal": 0.15, "crystal_fast": 0.3}[name]
+        assert bar["rule"] and bar["command"].startswith("diffnet.evaluate ")
+        assert card_summary(card)["min_p_hit"] == bar["min_p_hit"]
     assert card["reproduce"].startswith("make train-")
     assert len(card["limitations"]) > 200 and "simulated" in card["limitations"]
 
