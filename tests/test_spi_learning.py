@@ -413,6 +413,27 @@ def test_a_larger_training_set_extends_its_cache_by_simulating_only_the_new_shot
     assert list(grown["count"]) == [s.count for s in large]
 
 
+def test_train_from_keeps_only_the_shots_a_smaller_training_set_lacks(tmp_path):
+    """--train-from 600 --train-per-class 1050 is the 1050-per-class set without its first 600 per class (what
+    spi_multi's lineage trained on), cached apart from the full set."""
+    from dials_diffnet.spi import dataset, spi_grid
+    from dials_diffnet.spi.train import load_sets
+
+    full = dataset.standard_sets(train_per_class=1050)["train"]
+    seen = dataset.standard_sets(train_per_class=600)["train"]
+    fresh = dataset.standard_sets(train_per_class=1050, train_from=600)["train"]
+    assert fresh == full[len(seen):] and len(fresh) == 450 * len(seen) // 600
+    assert not {s.seed for s in fresh} & {s.seed for s in seen}
+    assert {(s.particle, s.count, s.noise) for s in fresh[:64]} == {(s.particle, s.count, s.noise) for s in seen}
+    with pytest.raises(ValueError, match="no training shots"):
+        dataset.standard_sets(train_per_class=600, train_from=600)
+    # at scale 1/600: the second shot of each class only (64 shots, on a coarse grid to be quick)
+    sets = load_sets(tmp_path, scale=1 / 600, workers=1, names=("train",), train_per_class=1200, train_from=600,
+                     grid=spi_grid(32))
+    assert [p.name.split("_x")[0] for p in (tmp_path / "grid32").glob("*.npz")] == ["train_from600"]
+    assert list(sets["train"]["seed"]) == [s.seed for s in dataset.standard_sets(1 / 600, train_per_class=1200)["train"][64:]]
+
+
 def test_the_crowded_set_holds_only_3_and_4_particle_training_shots_on_seeds_of_its_own():
     from dials_diffnet.spi import dataset
     from dials_diffnet.spi.particles import SEEN_TYPES

@@ -177,11 +177,12 @@ def close_specs(per_class: int, below: float = CLOSE_BELOW, counts=(2, 3, 4), of
 
 
 def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: int = 75, crowded_per_class: int = 0,
-                  close_per_class: int = 0, compact_per_class: int = 0) -> dict:
+                  close_per_class: int = 0, compact_per_class: int = 0, train_from: int = 0) -> dict:
     """The sets the shipped models were trained and evaluated on (`scale` shrinks them for quick runs).
 
     train:  seen types x counts 1-4 x {clean, noisy} x train_per_class, training geometry pool (a larger
-            set starts with a smaller one's shots: seeds run over the classes, then the repeats)
+            set starts with a smaller one's shots: seeds run over the classes, then the repeats); with
+            train_from, only the repeats from that one on (shots a model trained on the first ones never saw)
     random: (when random_shapes > 0) that many procedural particles x counts x {clean, noisy} x 5,
             training geometry pool: extra training data for the count, no particle type
     crowded: (when crowded_per_class > 0) seen types x counts 3-4 x {clean, noisy} x crowded_per_class,
@@ -196,8 +197,12 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
     def n(k):
         return max(1, int(round(k * scale)))
 
+    skip = n(train_from) if train_from else 0
+    if skip >= n(train_per_class):
+        raise ValueError(f"train_from {train_from} leaves no training shots of {train_per_class} per class")
+
     sets = {
-        "train": balanced_specs("train", SEEN_TYPES, n(train_per_class)),
+        "train": balanced_specs("train", SEEN_TYPES, n(train_per_class) - skip, offset=skip * 2 * len(SEEN_TYPES) * MAX_COUNT),
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }

@@ -56,25 +56,31 @@ logger = logging.getLogger("dials.diffnet.spi.train")
 # precision: train.fit's (auto: float32 on CPU, as every shipped SPI model was trained).
 MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_decay=1e-4, warmup=0.2, grad_clip=0.0,
              random_shapes=0, seed=0, grid_size=256, train_per_class=75, crowded_per_class=0, close_per_class=0,
-             compact_per_class=0, precision="auto")
+             compact_per_class=0, train_from=0, precision="auto")
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
             lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256, train_per_class=75,
-            crowded_per_class=0, close_per_class=0, compact_per_class=0, precision="auto")
+            crowded_per_class=0, close_per_class=0, compact_per_class=0, train_from=0, precision="auto")
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
               random_shapes: int = 0, grid=SPI_GRID, names=None, train_per_class: int = 75,
-              crowded_per_class: int = 0, close_per_class: int = 0, compact_per_class: int = 0) -> dict:
+              crowded_per_class: int = 0, close_per_class: int = 0, compact_per_class: int = 0,
+              train_from: int = 0) -> dict:
     """The standard sets (train, test, unseen; random with `random_shapes`, crowded with
     `crowded_per_class`, close with `close_per_class`, compact with `compact_per_class`; those in `names` if given) on
     `grid`, or with `validation` the validation sets (under the names test and unseen, so evaluation code
-    takes either)."""
+    takes either). A train set that skips its first `train_from` shots per class has a cache of its own."""
     sets = validation_sets(scale) if validation else standard_sets(scale, random_shapes, train_per_class,
-                                                                   crowded_per_class, close_per_class, compact_per_class)
+                                                                   crowded_per_class, close_per_class, compact_per_class,
+                                                                   train_from)
     sets = {name: specs for name, specs in sets.items() if names is None or name in names}
     prefix = "validation_" if validation else ""
+
+    def stem(name):
+        return f"{name}_from{train_from}" if name == "train" and train_from and not validation else name
+
     return {
-        name: build(specs, cache / f"grid{grid.size}" / f"{prefix}{name}{'' if scale == 1.0 else f'_x{scale:g}'}.npz",
+        name: build(specs, cache / f"grid{grid.size}" / f"{prefix}{stem(name)}{'' if scale == 1.0 else f'_x{scale:g}'}.npz",
                     workers, grid)
         for name, specs in sets.items()
     }
@@ -311,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--grid-size", type=int, help="override both models' input grid (cells per side)")
     parser.add_argument("--train-per-class", type=int,
                         help="override both models' training shots per (type, count, noise) class (75: 4 800 shots)")
+    parser.add_argument("--train-from", type=int,
+                        help="skip the training set's first shots per class: with --train-per-class N, only shots "
+                             "from this one to N (spi_multi 0.14.0: 600 to 1050, shots its lineage never saw)")
     parser.add_argument("--crowded-per-class", type=int,
                         help="override both models' extra 3- and 4-particle shots per (type, count, noise) class")
     parser.add_argument("--close-per-class", type=int,
@@ -331,7 +340,8 @@ def main(argv=None):
 
     multi_config, twin_config = dict(MULTI), dict(TWIN)
     for key in ("epochs", "patterson", "width", "random_shapes", "seed", "grid_size", "lr", "warmup",
-                "train_per_class", "crowded_per_class", "close_per_class", "compact_per_class", "precision"):
+                "train_per_class", "crowded_per_class", "close_per_class", "compact_per_class", "train_from",
+                "precision"):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
@@ -348,7 +358,8 @@ def main(argv=None):
         sets = load_sets(pathlib.Path(args.cache), args.scale, args.workers, random_shapes=config["random_shapes"],
                          grid=grid, names=("train", "random", *EXTRA_SET_RECIPES),
                          train_per_class=config["train_per_class"], crowded_per_class=config["crowded_per_class"],
-                         close_per_class=config["close_per_class"], compact_per_class=config["compact_per_class"])
+                         close_per_class=config["close_per_class"], compact_per_class=config["compact_per_class"],
+                         train_from=config["train_from"])
         validation = load_sets(pathlib.Path(args.cache), args.scale, args.workers, validation=True, grid=grid,
                                names=(validation_set,))
         train_and_save(sets, validation, config, time.time() - start, out, device)
