@@ -189,7 +189,8 @@ def run(args=None, phil=working_phil):
             logger.info(f"Saved per-image records to {out.json}")
     if params.min_p_hit is Auto:
         params.min_p_hit, source = auto_min_p_hit(models)
-        logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
+        if "crystal" in (models or {}):  # SPI records are judged by count, not P(hit)
+            logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
 
     kept, image_counts, sweep_counts = choose_experiments(experiments, refs, records, params)
     isolate_still_imagesets(experiments, refs, kept)
