@@ -200,9 +200,9 @@ def standard_sets(scale: float = 1.0, random_shapes: int = 0, train_per_class: i
     skip = n(train_from) if train_from else 0
     if skip >= n(train_per_class):
         raise ValueError(f"train_from {train_from} leaves no training shots of {train_per_class} per class")
-
+    train = balanced_specs("train", SEEN_TYPES, n(train_per_class))
     sets = {
-        "train": balanced_specs("train", SEEN_TYPES, n(train_per_class) - skip, offset=skip * 2 * len(SEEN_TYPES) * MAX_COUNT),
+        "train": train[skip * len(train) // n(train_per_class):],  # each repeat holds one shot of every class
         "test": balanced_specs("test", SEEN_TYPES, n(20)),
         "unseen": balanced_specs("unseen", UNSEEN_TYPES, n(30)),
     }

@@ -319,7 +319,7 @@ def main(argv=None):
                         help="override both models' training shots per (type, count, noise) class (75: 4 800 shots)")
     parser.add_argument("--train-from", type=int,
                         help="skip the training set's first shots per class: with --train-per-class N, only shots "
-                             "from this one to N (spi_multi 0.14.0: 600 to 1050, shots its lineage never saw)")
+                             "from this one to N (session 30's probe: 600 to 900, shots spi_multi's lineage never saw)")
     parser.add_argument("--crowded-per-class", type=int,
                         help="override both models' extra 3- and 4-particle shots per (type, count, noise) class")
     parser.add_argument("--close-per-class", type=int,
