@@ -6,11 +6,10 @@ import collections
 import copy
 import logging
 
-from dials.util import Sorry, log, show_mail_handle_errors, tabulate
-from dials.util.version import dials_version
+from dials.util import Sorry, show_mail_handle_errors, tabulate
 from libtbx import Auto
 
-from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, write_records
+from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, start_log, write_records
 from diffnet.predict import phil_scope as predict_scope
 from dials_diffnet.images import iter_image_refs
 from dials_diffnet.inference import resolve_views
@@ -101,8 +100,9 @@ def choose_experiments(experiments, refs, records, params):
         image_counts.update(r or "kept" for r in expt_reasons)
         if is_rotation(experiments[i_expt]):
             good = sum(r is None for r in expt_reasons) / len(expt_reasons)
-            keep = good >= params.rotation.min_good_fraction
-            sweep_counts["kept" if keep else f"dropped (< {params.rotation.min_good_fraction:g} of images pass)"] += 1
+            bar = params.rotation.min_good_fraction  # None: the rule is off, every sequence is kept
+            keep = bar is None or good >= bar
+            sweep_counts["kept" if keep else f"dropped (< {bar:g} of images pass)"] += 1
         else:
             keep = expt_reasons[0] is None
         if keep:
@@ -141,7 +141,7 @@ def json_argument(unhandled):
 
 @show_mail_handle_errors()
 def run(args=None, phil=working_phil):
-    usage = "usage: diffnet.filter [options] [param.phil] imported.expt [strong.refl] [diffnet.json]"
+    usage = "diffnet.filter [options] [param.phil] imported.expt [strong.refl] [diffnet.json]"
     parser = make_parser(phil, usage, help_message)
     params, options, unhandled = parse_command_line(parser, args)
     json_in = json_argument(unhandled)
@@ -164,11 +164,7 @@ def run(args=None, phil=working_phil):
     if not out.experiments:
         raise Sorry("output.experiments must name a file")
 
-    log.config(verbosity=options.verbose, logfile=out.log)
-    logger.info(dials_version())
-    diff_phil = parser.diff_phil.as_str()
-    if diff_phil:
-        logger.info("The following parameters have been modified:\n\n" + diff_phil)
+    start_log(logger, parser, options, out.log)
     if params.max_p_multi is not None and params.task == "crystal":
         logger.warning("max_p_multi: the shipped crystal model's P(multi-lattice) follows the number of spots, "
                        "not lattices (docs/training.md), so this rule drops strong single-lattice shots first")

@@ -68,6 +68,16 @@ def make_parser(phil, usage, epilog):
     )
 
 
+def start_log(command_logger, parser, options, logfile):
+    """Configure the DIALS log; open it with the DIALS and dials-diffnet versions and the modified parameters."""
+    log.config(verbosity=options.verbose, logfile=logfile)
+    command_logger.info(dials_version())
+    command_logger.info(f"dials-diffnet {package_version()}")
+    diff_phil = parser.diff_phil.as_str()
+    if diff_phil:
+        command_logger.info("The following parameters have been modified:\n\n" + diff_phil)
+
+
 def single_inputs(params):
     """(experiments, expt_path, reflections or None, refl_path or None); Sorry unless one .expt, at most one .refl."""
     if len(params.input.experiments) != 1:
@@ -132,7 +142,7 @@ def write_records(path, task, records, program, expt_path, refl_path):
 
 @show_mail_handle_errors()
 def run(args=None, phil=working_phil):
-    usage = "usage: diffnet.predict [options] [param.phil] imported.expt [strong.refl]"
+    usage = "diffnet.predict [options] [param.phil] imported.expt [strong.refl]"
     parser = make_parser(phil, usage, help_message)
     params, options, unhandled = parse_command_line(parser, args)
     cxi_files = [a for a in unhandled if a.endswith(".cxi") and os.path.isfile(a)]
@@ -156,13 +166,7 @@ def run(args=None, phil=working_phil):
         inputs=[expt_path, refl_path],
     )
 
-    log.config(verbosity=options.verbose, logfile=out.log)
-    logger.info(dials_version())
-    logger.info(f"dials-diffnet {package_version()}")
-    diff_phil = parser.diff_phil.as_str()
-    if diff_phil:
-        logger.info("The following parameters have been modified:\n\n" + diff_phil)
-
+    start_log(logger, parser, options, out.log)
     task, records = predict(params, experiments, expt_path)
 
     if out.json:

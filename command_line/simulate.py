@@ -12,7 +12,7 @@ from dials.util.options import ArgumentParser
 from dials_diffnet.simulate.dataset import IMAGE_FORMATS, check_resumable, generate_shards, write_images
 from dials_diffnet.simulate.detectors import DETECTORS, pilatus_model
 from dials_diffnet.simulate.stills import Recipe
-from dials_diffnet.util import load_phil
+from dials_diffnet.util import load_phil, parse_command_line
 
 logger = logging.getLogger("dials.diffnet.simulate")
 phil_scope = load_phil("simulate")
@@ -76,7 +76,7 @@ def _shard_worker(args):
 @show_mail_handle_errors()
 def run(args=None, phil=phil_scope):
     parser = ArgumentParser(usage="diffnet.simulate [options]", phil=phil, epilog=help_message, check_format=False)
-    params, _ = parser.parse_args(args=args, show_diff_phil=False)
+    params, _ = parse_command_line(parser, args, return_unhandled=False)
     log.config(logfile=params.output.log)
     diff = parser.diff_phil.as_str()
     if diff:

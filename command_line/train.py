@@ -9,7 +9,7 @@ import sys
 from dials.util import Sorry, log, show_mail_handle_errors
 from dials.util.options import ArgumentParser
 
-from dials_diffnet.util import load_phil
+from dials_diffnet.util import load_phil, parse_command_line
 
 logger = logging.getLogger("dials.diffnet.train")
 
@@ -36,7 +36,7 @@ DEPTHS = (18, 34, 50)
 @show_mail_handle_errors()
 def run(args=None, phil=working_phil):
     parser = ArgumentParser(usage="diffnet.train [options] dataset_dir ...", phil=phil, epilog=help_message)
-    params, options, unhandled = parser.parse_args(args=args, show_diff_phil=False, return_unhandled=True)
+    params, options, unhandled = parse_command_line(parser, args)
     for arg in unhandled:
         if not (pathlib.Path(arg) / "index.json").is_file():
             raise Sorry(f"Unrecognised argument {arg!r} (not a parameter, nor a dataset directory with index.json)")

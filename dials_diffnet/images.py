@@ -7,6 +7,10 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,6 +180,46 @@ def read_uncompressed_cbf(path, image_size):
     if values.size != nf * ns:
         raise OSError(f"{path}: truncated CBF array ({values.size} of {nf * ns} values)")
     return values.astype(values.dtype.newbyteorder("="), copy=False).reshape(ns, nf)
+
+
+_stderr_capture: dict = {}  # process id -> the file that takes fd 2 inside cbflib_quiet
+
+
+@contextlib.contextmanager
+def cbflib_quiet():
+    """Keep CBFlib's complaints about a broken file off the terminal; pass on anything else written to stderr.
+
+    CBFlib prints its parse errors straight to file descriptor 2, a few lines each time a format
+    class tries a truncated CBF (a dozen for one file), while the image is flagged with its reason
+    anyway. Meanwhile fd 2 goes to a file kept per process; lines not starting "CBFlib" are copied back.
+    """
+    pid = os.getpid()
+    if pid not in _stderr_capture:  # a forked reader must not share its parent's file offset
+        _stderr_capture.clear()
+        _stderr_capture[pid] = tempfile.TemporaryFile(buffering=0)
+    capture = _stderr_capture[pid].fileno()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield
+        return
+    os.dup2(capture, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.lseek(capture, 0, os.SEEK_CUR)
+        if size:
+            os.lseek(capture, 0, os.SEEK_SET)
+            text = os.read(capture, size)
+            os.lseek(capture, 0, os.SEEK_SET)
+            os.ftruncate(capture, 0)
+            kept = [line for line in text.splitlines(keepends=True) if not line.startswith(b"CBFlib")]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def read_image(imageset, index) -> RawImage:

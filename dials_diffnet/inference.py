@@ -25,9 +25,10 @@ import libtbx
 import numpy as np
 import torch
 from dials.util import Sorry, progress
+from dxtbx.format.Registry import get_format_class_for_file
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from dials_diffnet.images import beam_geometry, detector_geometry, iter_image_refs, read_image
+from dials_diffnet.images import beam_geometry, cbflib_quiet, detector_geometry, iter_image_refs, read_image
 from dials_diffnet.models.views import ViewAveraged, check_view_count
 from dials_diffnet.representation import CRYSTAL_GRID, N_CHANNELS, GridSpec, cached_grid_map, represent
 from dials_diffnet.results import ImageRecord, failed_record, predicted_record
@@ -232,6 +233,32 @@ def _frames_merged(document) -> tuple[dict, dict]:
     return dict(document, imageset=merged_entries, experiment=experiments), position
 
 
+def file_problem(path) -> str | None:
+    """What is wrong with an image file, if it is missing, empty or of no format dxtbx knows; else None."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty"
+    except OSError:
+        return "missing"
+    try:
+        return None if get_format_class_for_file(path) else "not an image dxtbx can read"
+    except Exception:
+        return None
+
+
+def unreadable(error, path, first_path=None) -> str:
+    """The failure reason of an image dxtbx could not open or read: what is wrong with its file, or
+    with the first file of its ImageSet (which dxtbx opens the set by), when that can be told;
+    otherwise dxtbx's own message."""
+    problem = file_problem(path)
+    if problem:
+        return f"unreadable: the file is {problem}"
+    problem = file_problem(first_path) if first_path not in (None, path) else None
+    if problem:
+        return f"unreadable: {first_path}, the first file of its image set, is {problem}"
+    return f"unreadable: {one_line(error) or type(error).__name__}"
+
+
 def _image_sources(expt_path) -> list:
     """For every image (iter_image_refs order): (imageset, index) to read it, or the reason it can't be.
 
@@ -271,12 +298,17 @@ def _image_sources(expt_path) -> list:
                 per_experiment.setdefault(members[ref.experiment_index], []).append((ref.imageset, ref.index))
         except Exception as e:
             for i in members:
-                per_experiment[i] = f"unreadable: {one_line(e)}"
-    formatless = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
+                per_experiment[i] = e
+    formatless = list(iter_image_refs(ExperimentListFactory.from_json_file(str(expt_path), check_format=False)))
+    first_path = {}  # experiment -> the first file of its ImageSet: dxtbx opens the set by that file
+    for ref in formatless:
+        first_path.setdefault(ref.experiment_index, ref.imageset.get_path(0))
     sources, position = [], {}
-    for ref in iter_image_refs(formatless):
+    for ref in formatless:
         entry = per_experiment.get(ref.experiment_index, "unreadable: no image data")
-        if isinstance(entry, str):
+        if isinstance(entry, Exception):
+            sources.append(unreadable(entry, ref.path, first_path[ref.experiment_index]))
+        elif isinstance(entry, str):
             sources.append(entry)
         else:
             k = position.get(ref.experiment_index, 0)
@@ -310,9 +342,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.n_images
 
     def __getitem__(self, i):
-        if self._sources is None:
-            self._sources = _image_sources(self.expt_path)
-        x, failure = self._represent(self._sources[i])
+        with cbflib_quiet():
+            if self._sources is None:
+                self._sources = _image_sources(self.expt_path)
+            x, failure = self._represent(self._sources[i])
         if failure:
             x = np.zeros((self.planes, self.grid.size, self.grid.size), dtype=np.float32)
         return i, x, failure or ""
@@ -331,7 +364,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 return None, failure
             x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam, self.grid), self.planes)
         except Exception as e:  # dxtbx raises many kinds for truncated or corrupt files
-            return None, f"unreadable: {one_line(e) or type(e).__name__}"
+            return None, unreadable(e, imageset.get_path(index))
         if not x[1].any():
             return None, "no valid pixels within the resolution range of the grid"
         return x, None

@@ -6,6 +6,7 @@ import contextlib
 import importlib.resources
 import os
 import pathlib
+import re
 import tempfile
 
 import libtbx.phil
@@ -27,14 +28,29 @@ def one_line(message) -> str:
     return " ".join(str(message).split())
 
 
-def parse_command_line(parser, args):
-    """parser.parse_args, with PHIL's own errors (a bad value raises RuntimeError) as a one-line Sorry."""
+def parse_command_line(parser, args, return_unhandled=True):
+    """parser.parse_args, with PHIL's own errors (a bad value raises RuntimeError) as a one-line Sorry.
+
+    Every diffnet command parses through here, so they all refuse a bad value the same way.
+    """
     try:
-        return parser.parse_args(args=args, show_diff_phil=False, return_unhandled=True)
-    except Sorry as e:
-        raise Sorry(one_line(e)) from None
-    except RuntimeError as e:
-        raise Sorry(one_line(e)) from None
+        return parser.parse_args(args=args, show_diff_phil=False, return_unhandled=return_unhandled)
+    except (Sorry, RuntimeError) as e:
+        raise Sorry(phil_error(parser.system_phil, e)) from None
+
+
+def phil_error(master, error) -> str:
+    """PHIL's message on one line; for a value that is not a number, or None where None is not allowed,
+    also what the parameter takes (its PHIL type)."""
+    message = one_line(error)
+    bad = re.match(r'Error interpreting (\S+)="(.*?)" as a numeric expression', message) or re.fullmatch(
+        r"(\S+) cannot be (None)", message)
+    if bad:
+        name, value = bad.groups()
+        types = {d.path: d.object.type for d in master.all_definitions()}
+        wanted = re.sub(r",? ?allow_none=\w+", "", str(types.get(name))).replace("()", "")
+        message = f"{name}={value} is not {'a number' if value != 'None' else 'allowed'}: {name} takes {wanted}"
+    return message
 
 
 def check_outputs(outputs: dict, inputs) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -19,24 +20,27 @@ from test_predict import (
     dials_import,
     find_spots,
     load_records,
+    small_detector_and_beam,
     spotty_image,
     write_stills,
 )
 
+from diffnet.evaluate import run as evaluate_run
 from diffnet.filter import run as filter_run
 from diffnet.predict import run as predict_run
 from diffnet.simulate import run as simulate_run
-from dials_diffnet.images import iter_image_refs, read_image
-from dials_diffnet.inference import image_failure
+from diffnet.train import run as train_run
+from dials_diffnet.images import cbflib_quiet, iter_image_refs, read_image
+from dials_diffnet.inference import _image_sources, image_failure
 from dials_diffnet.weights import shipped_path
 
 # image name -> expected failure reason (prefix); None: judged normally
 EXPECTED = {
     "good": None,
-    "missing": "unreadable",
-    "zero_bytes": "unreadable",
+    "missing": "unreadable: the file is missing",
+    "zero_bytes": "unreadable: the file is empty",
     "truncated": "unreadable",
-    "random_bytes": "unreadable",
+    "random_bytes": "unreadable: the file is not an image dxtbx can read",
     "all_zero": "all pixels are zero",
     "saturated": "saturated",
     "all_masked": "no valid pixels",
@@ -98,6 +102,36 @@ def test_nan_everywhere_is_a_failure_not_a_prediction(messy):
     raw.pixels = [np.full(p.shape, np.nan, np.float32) for p in raw.pixels]  # as a float format would give
     raw.valid = [np.zeros_like(v) for v in raw.valid]
     assert image_failure(raw, [TRUSTED_MAX], 0.5).startswith("no finite pixel values")
+
+
+def test_a_shared_image_set_whose_first_file_is_empty_names_that_file(tmp_path):
+    files = write_stills(tmp_path, [spotty_image(i) for i in range(3)])
+    expt = dials_import(tmp_path, files)  # one ImageSequence of stills: dxtbx opens it by its first file
+    files[0].write_bytes(b"")
+    assert _image_sources(expt) == ["unreadable: the file is empty"] + 2 * [
+        f"unreadable: {files[0]}, the first file of its image set, is empty"]
+
+
+def test_truncated_full_cbf_is_flagged_without_cbflib_noise(tmp_path, crystal_model):  # noqa: F811
+    from dials_diffnet.simulate.cbf import write_cbf as write_full_cbf  # cbflib reads these, unlike miniCBF
+
+    detector, beam = small_detector_and_beam()
+    files = [tmp_path / f"full_{i + 1:05d}.cbf" for i in range(2)]
+    for i, path in enumerate(files):
+        write_full_cbf(str(path), detector, beam, [spotty_image(i)], compress=True)
+    expt = dials_import(tmp_path, files, "imported.expt", "convert_sequences_to_stills=True")
+    files[1].write_bytes(files[1].read_bytes()[:-100])
+    result = diffnet(tmp_path, "predict", expt, f"model.crystal={crystal_model}", "nproc=0")
+    assert result.returncode == 0, result.stderr
+    good, truncated = load_records(tmp_path / "diffnet.json")
+    assert good["ok"] and not truncated["ok"] and truncated["failure"].startswith("unreadable"), truncated
+    assert "CBFlib" not in result.stderr + result.stdout
+
+
+def test_cbflib_quiet_drops_only_cbflib_lines(capfd):
+    with cbflib_quiet():
+        os.write(2, b"CBFlib: error input line 150 (1) -- syntax error\nsomething else\n")
+    assert capfd.readouterr().err == "something else\n"
 
 
 # --- user errors: one-line Sorry, raised before any output is written -------------------------
@@ -202,3 +236,42 @@ def test_spi_missing_reference_set(in_tmp, other_stills):
 def test_simulate_refuses_what_it_cannot_write(in_tmp, args, words):
     assert_sorry(simulate_run, ["n_images=1", "output.directory=out", "output.log=None", *args], words)
     assert not (in_tmp / "out").exists() or not any((in_tmp / "out").glob("shot*"))
+
+
+@pytest.mark.parametrize(
+    "run, args, words",
+    [
+        (simulate_run, ["n_images=0"], "n_images element is less than the minimum allowed value: 0 < 1"),
+        (simulate_run, ["n_images=x"], "n_images=x is not a number: n_images takes int(value_min=1)"),
+        (simulate_run, ["n_images=None"], "n_images=None is not allowed: n_images takes int(value_min=1)"),
+        (simulate_run, ["recipe.p_blank=2"], "recipe.p_blank element is greater than the maximum allowed value: 2 > 1"),
+        (simulate_run, ["recipe.wavelength=1.0"], "recipe.wavelength: 1 given, exactly 2 required"),
+        (simulate_run, ["recipe.unit_cell=1,2"], "recipe.unit_cell: 2 given, exactly 6 required"),
+        (simulate_run, ["format=None"], "Not a possible choice for format: None"),
+        (evaluate_run, ["views=x", "."], "views=x is not a number: views takes int"),
+        (evaluate_run, ["batch_size=0", "."], "batch_size element is less than the minimum allowed value: 0 < 1"),
+        (train_run, ["epochs=-1"], "epochs element is less than the minimum allowed value: -1 < 1"),
+        (train_run, ["epochs=x"], "epochs=x is not a number: epochs takes int(value_min=1)"),
+    ],
+)
+def test_simulate_evaluate_and_train_refuse_a_bad_value_as_predict_does(in_tmp, run, args, words):
+    assert_sorry(run, args, words)
+    assert not any(in_tmp.iterdir())
+
+
+@pytest.mark.parametrize(
+    "run, args, words",
+    [
+        (predict_run, ["task=None"], "Not a possible choice for task: None"),
+        (filter_run, ["task=None"], "Not a possible choice for task: None"),
+        (predict_run, ["summary.hit_threshold=None"],
+         "summary.hit_threshold=None is not allowed: summary.hit_threshold takes float(value_min=0, value_max=1)"),
+        (predict_run, ["summary.multi_threshold=None"], "summary.multi_threshold=None is not allowed"),
+        (filter_run, ["batch_size=None"], "batch_size=None is not allowed"),
+    ],
+)
+def test_none_where_a_value_is_needed_is_refused_before_any_output(in_tmp, other_stills, crystal_model,  # noqa: F811
+                                                                    run, args, words):
+    expt, _ = other_stills
+    assert_sorry(run, [expt, f"model.crystal={crystal_model}", *args], words)
+    assert not any(in_tmp.iterdir())

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 from test_predict import BIN
+
+COMMANDS = ["predict", "filter", "simulate", "evaluate", "train"]
 
 
 def command(*args, cwd=None):
@@ -27,18 +31,44 @@ def test_module_and_console_script_print_the_same_phil(name):
 
 
 @pytest.mark.parametrize(
-    "argument, words",
-    [("no_such_parameter=1", "no_such_parameter"), ("batch_size=x", "batch_size"), ("batch_size=0", "batch_size"),
-     ("task=nonsense", "task"), ("missing_file.expt", "no such file"),
-     ("output.no_such=1", "unknown parameter 'output.no_such'"), ("views=3", "views must be one of 1, 2, 4, 8")],
+    "name, argument, words",
+    [("predict", "no_such_parameter=1", "no_such_parameter"), ("predict", "batch_size=x", "batch_size"),
+     ("predict", "batch_size=0", "batch_size"), ("predict", "task=nonsense", "task"),
+     ("predict", "missing_file.expt", "no such file"),
+     ("predict", "output.no_such=1", "unknown parameter 'output.no_such'"),
+     ("predict", "views=3", "views must be one of 1, 2, 4, 8"),
+     ("filter", "task=None", "Not a possible choice for task: None"),
+     ("simulate", "n_images=0", "n_images element is less than the minimum allowed value"),
+     ("evaluate", "views=x", "views=x is not a number"),
+     ("train", "epochs=x", "epochs=x is not a number: epochs takes int(value_min=1)")],
 )
-def test_bad_parameter_is_a_one_line_sorry(tmp_path, argument, words):
-    result = command(BIN / "diffnet.predict", argument, cwd=tmp_path)
+def test_bad_parameter_is_a_one_line_sorry(tmp_path, name, argument, words):
+    result = command(BIN / f"diffnet.{name}", argument, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Sorry"), result.stderr
     assert words in lines[0]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_starts_with_one_usage_line(name):
+    result = command(sys.executable, "-m", f"diffnet.{name}", "-h")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: diffnet.{name} [options]"), result.stdout[:200]
+
+
+def test_model_fast_help_quotes_the_figures_docs_commands_gives():
+    from diffnet.predict import phil_scope
+
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `model.fast`"))
+    help_text = " ".join(d.object.help for d in phil_scope.all_definitions() if d.path == "model.fast")
+
+    def figures(text):
+        return set(re.findall(r"\d+(?:\.\d+)*", text))
+
+    assert figures(row) <= figures(help_text), sorted(figures(row) - figures(help_text))
 
 
 @pytest.mark.parametrize("name", ["train", "predict", "evaluate"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 
@@ -52,6 +53,9 @@ def test_filter_keeps_exactly_the_passing_stills(four_stills, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "not a hit" in result.stdout and "multi-lattice" in result.stdout
     assert "drops strong single-lattice shots first" in result.stdout  # the rule's cost, said where it is used
+    # the log names the program version, as diffnet.predict's does
+    version = importlib.metadata.version("dials-diffnet")
+    assert f"dials-diffnet {version}\n" in (tmp_path / "diffnet.filter.log").read_text()
 
     original = ExperimentListFactory.from_json_file(str(expt), check_format=False)
     filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
@@ -115,3 +119,13 @@ def test_rotation_sequence_kept_or_dropped_whole(sweep_json, tmp_path, fraction,
     if kept:
         assert len(filtered[0].imageset) == 4, "a kept sequence is kept whole"
     assert "rotation sequences" in result.stdout
+
+
+def test_rotation_rule_set_to_none_keeps_every_sequence_whole(sweep_json, tmp_path):
+    expt, records_json = sweep_json
+    rules = edited_json(records_json, tmp_path / "rules.json", p_hit=[0.1] * 4, p_multi=[0.0] * 4)  # no image passes
+    result = diffnet(tmp_path, "filter", expt, rules, "rotation.min_good_fraction=None")
+    assert result.returncode == 0, result.stderr
+    filtered = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
+    assert len(filtered) == 1 and len(filtered[0].imageset) == 4
+    assert "not a hit" in result.stdout  # the image rules are still applied and counted
