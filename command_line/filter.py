@@ -31,6 +31,8 @@ reason for being dropped): the image could be judged (keep_failed=False),
 P(hit) >= min_p_hit, P(multi-lattice) <= max_p_multi, and predicted
 d_min <= d_min. Any rule set to None is not applied; the multi-lattice rule is
 off by default (the shipped model's multi-lattice judgement is weak).
+task=spi records: P(hit) >= min_p_hit (a particle in the beam, not a blank
+frame), then one particle (spi.single_only).
 
 Stills: each kept image keeps its experiment; its ImageSet is rebuilt to hold
 that image alone, so the output reloads as exactly the kept images.
@@ -65,11 +67,12 @@ def rejection(record, params) -> str | None:
     """Why one image is dropped, or None if it passes every rule."""
     if not record.ok:
         return None if params.keep_failed else "failed: " + record.failure.split(":")[0]
+    # SPI records of a model without a hit head (spi_multi before 0.14.0) carry no P(hit)
+    if params.min_p_hit is not None and record.p_hit is not None and record.p_hit < params.min_p_hit:
+        return f"not a hit (P(hit) < {params.min_p_hit:g})"
     spi_count = record.get("spi_count")
     if spi_count is not None:
         return None if spi_count == 1 or not params.spi.single_only else f"SPI {spi_count}-particle hit"
-    if params.min_p_hit is not None and record.p_hit < params.min_p_hit:
-        return f"not a hit (P(hit) < {params.min_p_hit:g})"
     if params.max_p_multi is not None and record.p_multi > params.max_p_multi:
         return f"multi-lattice (P(multi) > {params.max_p_multi:g})"
     if params.d_min is not None and record.d_min > params.d_min:
@@ -78,10 +81,12 @@ def rejection(record, params) -> str | None:
 
 
 def auto_min_p_hit(models: dict):
-    """(bar, where it came from) for min_p_hit=Auto: the bar the judging crystal model's card records."""
-    crystal = (models or {}).get("crystal") or {}
-    if crystal.get("min_p_hit") is not None:
-        return crystal["min_p_hit"], f"the card of {crystal.get('name')} {crystal.get('version')}"
+    """(bar, where it came from) for min_p_hit=Auto: the bar the judging model's card records (crystal, or
+    spi_multi for task=spi)."""
+    for name in ("crystal", "spi_multi"):
+        card = (models or {}).get(name) or {}
+        if card.get("min_p_hit") is not None:
+            return card["min_p_hit"], f"the card of {card.get('name')} {card.get('version')}"
     return FALLBACK_MIN_P_HIT, "the default for models whose card records no bar"
 
 
@@ -185,7 +190,7 @@ def run(args=None, phil=working_phil):
             logger.info(f"Saved per-image records to {out.json}")
     if params.min_p_hit is Auto:
         params.min_p_hit, source = auto_min_p_hit(models)
-        if "crystal" in (models or {}):  # SPI records are judged by count, not P(hit)
+        if any(r.p_hit is not None for r in records):  # not for SPI records without P(hit), judged by count only
             logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
 
     kept, image_counts, sweep_counts = choose_experiments(experiments, refs, records, params)

@@ -106,10 +106,16 @@ def reject_unhandled(unhandled, accepted=()):
         raise Sorry(f"cannot use {' '.join(rest)}: {what}")
 
 
-def predict(params, experiments, expt_path):
-    """(task, records) for every image of `experiments` (read from expt_path by the readers)."""
+def logged_task(params):
+    """The task params name, its device and models logged."""
     task = make_task(params.task, params, params.device)
     logger.info(f"Task {task.name} on {task.device}: " + ", ".join(f"{m['name']} {m['version']}" for m in task.models.values()))
+    return task
+
+
+def predict(params, experiments, expt_path):
+    """(task, records) for every image of `experiments` (read from expt_path by the readers)."""
+    task = logged_task(params)
     refs = list(iter_image_refs(experiments))
     if params.nproc in (None, libtbx.Auto):
         params.nproc = max(1, available_cores() // 2)
@@ -195,15 +201,15 @@ def run_cxi(params, options, parser, cxi_files):
         raise Sorry("give exactly one CXI file (and no experiment list)")
     out = params.output
     check_outputs({"output.json": out.json, "output.table": out.table, "output.log": out.log}, inputs=cxi_files)
-    log.config(verbosity=options.verbose, logfile=out.log)
-    logger.info(f"dials-diffnet {package_version()}")
-    task = make_task(params.task, params, params.device)
+    start_log(logger, parser, options, out.log)
+    task = logged_task(params)
     records = predict_cxi(task, cxi_files[0], batch_size=params.batch_size)
     if out.json:
         write_records(out.json, task, records, "diffnet.predict", cxi_files[0], None)
         logger.info(f"Saved per-image records to {out.json}")
     if out.table:
         write_table(out.table, records)
+        logger.info(f"Saved the records table to {out.table}")
     logger.info("\n" + summary_table(records, params.summary.multi_threshold, params.summary.hit_threshold))
 
 

@@ -538,8 +538,13 @@ def predict_cxi(task: Task, cxi_path, *, batch_size=16) -> list[ImageRecord]:
     try:
         for i, raw in enumerate(read_cxi(cxi_path)):
             ref = ImageRef(experiment_index=0, identifier="", imageset=None, index=i, path=os.path.abspath(cxi_path), image_number=i + 1)
-            x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid), task.planes)
-            records.append(None if x[1].any() else failed_record(ref, "no valid pixels within the reach of the grid"))
+            # a CXI file records no trusted range: every check but saturation, as for a dxtbx image
+            failure = image_failure(raw, [np.inf] * len(raw.pixels), 1.0)
+            if not failure:
+                x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid),
+                              task.planes)
+                failure = None if x[1].any() else "no valid pixels within the reach of the grid"
+            records.append(failed_record(ref, failure) if failure else None)
             if records[-1] is None:
                 pending.append((i, ref, x))
             if len(pending) >= batch_size:

@@ -140,20 +140,22 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+# (header, field, format) of the table's columns after the image's place; SPI records have their own
+SPI_COLUMNS = (("P(hit)", "p_hit", ".3f"), ("count", "spi_count", "d"), ("P(single)", "spi_p_single", ".3f"),
+               ("type", "spi_type", "s"), ("few-shot", "spi_fewshot_label", "s"))
+CRYSTAL_COLUMNS = (("d_min", "d_min", ".2f"), ("P(multi)", "p_multi", ".3f"), ("P(hit)", "p_hit", ".3f"))
+
+
 def records_table(records) -> str:
+    spi = any(r.get("spi_count") is not None for r in records)
+    columns = [c for c in SPI_COLUMNS if any(r.get(c[1]) is not None for r in records)] if spi else CRYSTAL_COLUMNS
     rows = [
-        [
-            r.experiment_index,
-            os.path.basename(r.path),
-            r.image_number,
-            _fmt(r.d_min, ".2f"),
-            _fmt(r.p_multi, ".3f"),
-            _fmt(r.p_hit, ".3f"),
-            "" if r.ok else r.failure,
-        ]
+        [r.experiment_index, os.path.basename(r.path), r.image_number]
+        + [_fmt(r.get(field), spec) for _, field, spec in columns]
+        + ["" if r.ok else r.failure]
         for r in records
     ]
-    return tabulate(rows, ["expt", "file", "image", "d_min", "P(multi)", "P(hit)", "failure"])
+    return tabulate(rows, ["expt", "file", "image", *(header for header, _, _ in columns), "failure"])
 
 
 def write_table(path, records) -> None:
@@ -172,7 +174,11 @@ def summary_table(records, multi_threshold: float, hit_threshold: float) -> str:
             [f"multi-lattice (P > {multi_threshold:g})", sum(r.p_multi > multi_threshold for r in crystal)],
             [f"hits (P >= {hit_threshold:g})", sum(r.p_hit >= hit_threshold for r in crystal)],
         ]
-    counts = collections.Counter(r.get("spi_count") for r in good if r.get("spi_count") is not None)
+    spi = [r for r in good if r.get("spi_count") is not None]
+    if spi and spi[0].p_hit is not None:
+        rows += [[f"SPI hits (P >= {hit_threshold:g})", sum(r.p_hit >= hit_threshold for r in spi)]]
+        spi = [r for r in spi if r.p_hit >= hit_threshold]
+    counts = collections.Counter(r.get("spi_count") for r in spi)
     rows += [[f"SPI {n}-particle hits", counts[n]] for n in sorted(counts)]
     return tabulate(rows, ["", "count"])
 

@@ -23,16 +23,19 @@ dials.index filtered.expt strong.refl stills.indexer=sequences indexing.joint_in
   refinement.parameterisation.detector.fix=all refinement.parameterisation.beam.fix=all
 diffnet.evaluate predictions=diffnet.json dials_baseline=True
 
-# SPI: noisy pnCCD shots of capsids, 1-4 per shot, on detector geometries the models never saw
+# SPI: noisy pnCCD shots of capsids, 1-4 per shot, and blank frames (detector noise only), on detector
+# geometries the models never saw
 mkdir -p spi && cd spi
 python - <<'EOF'
 from dials_diffnet.spi import simulate as sim
 from dials_diffnet.spi.cxi import write_cxi
 
-shots = [sim.simulate(sim.shot_params(4_200_000 + i, "capsid", 1 + i % 4, "noisy", "test")) for i in range(8)]
+shots = [sim.simulate(sim.shot_params(4_200_000 + i, "capsid", 0 if i % 5 == 4 else 1 + i % 4, "noisy", "test"))
+         for i in range(10)]
 write_cxi("run.cxi", shots)
-print("wrote run.cxi: capsids per shot", [s.params.count for s in shots])
+print("wrote run.cxi: capsids per shot (0: a blank)", [s.params.count for s in shots])
 EOF
 diffnet.predict task=spi run.cxi
+cat diffnet.txt
 cd ..
 echo "Demo outputs are in $work (the SPI run in $work/spi)"

@@ -40,5 +40,10 @@ warm_restart 0110 --train-per-class 600 --crowded-per-class 150 --epochs 8 --lr 
 # spi_multi 0.13.0: 0.12.1 trained on 4 800 shots whose particles overlap in projection (the close set) and a
 # replay of the first 150 per class of the training set and the crowded set
 warm_restart 0121 --train-per-class 150 --crowded-per-class 150 --close-per-class 100 --epochs 8 --lr 5e-4
+# spi_multi 0.14.0: 0.13.0 with a hit head (a particle in the beam against a blank frame) trained on its frozen
+# trunk's features of 6 400 recipe shots no spi_multi trained on and 3 200 noisy blanks; count and type unchanged
+cp "$WEIGHTS/spi_multi.safetensors" "$OUT/spi_multi_0130.safetensors"
+cp "$WEIGHTS/spi_multi.json" "$OUT/spi_multi_0130.json"
+$PY -m dials_diffnet.spi.train --cache "$CACHE" --out "$WEIGHTS" --only hit --init "$OUT/spi_multi_0130.safetensors"
 $PY -m dials_diffnet.spi.evaluate --cache "$CACHE" --weights "$WEIGHTS" --sweep --update-cards \
     --json "$OUT/spi_evaluation.json" | tee "$OUT/spi_evaluation.txt"

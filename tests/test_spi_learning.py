@@ -580,3 +580,41 @@ def test_sweep_trains_a_head_per_cell_on_frozen_trunk_features():
     assert result["train_patterns"] == 128
     for row in result["rows"]:
         assert row["clean_single_vs_multi"] > 0.9 and row["noisy_single_vs_multi"] > 0.9  # chance: 0.75
+
+
+def test_a_hit_head_learns_blank_frames_from_hits_and_leaves_count_and_type_untouched():
+    """spi.train --only hit: only the new head learns, on the frozen trunk's features; the count and type
+    logits stay exactly those of the net it was added to."""
+    from dials_diffnet.spi.dataset import blank_specs
+    from dials_diffnet.spi.dataset import build as build_set
+    from dials_diffnet.spi.train import HIT, add_hit_head
+
+    card = {"name": "spi_multi", "architecture": {"class": "SpiMultiNet", "n_types": 8, "n_counts": 4, "width": 4,
+                                                  "patterson": "flat"}}
+    torch.manual_seed(0)
+    model = build(card["architecture"]).eval()
+    hits = [sim.represent_shot(sim.simulate(sim.shot_params(SEED_BASES["check"] + 700 + i, "capsid", 1 + i % 4,
+                                                            ("clean", "noisy")[i % 2], "train"))) for i in range(12)]
+    hits = {"x": np.stack(hits)}
+    blanks = build_set(blank_specs("check", 12, pool="train"))
+    net, history = add_hit_head(model, card, hits, blanks, dict(HIT, epochs=40, batch=8, lr=3e-3, views=1))
+    x = torch.from_numpy(np.concatenate([hits["x"], blanks["x"]])).float()
+    with torch.no_grad():
+        before, after = model(x), net(x)
+    for key in ("count_logits", "type_logits"):
+        assert torch.equal(before[key], after[key])
+    called_hit = (after["hit_logits"] > 0).numpy()
+    assert np.mean(called_hit == np.repeat([True, False], 12)) >= 0.9
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_the_hit_bar_is_the_largest_candidate_keeping_the_noisy_hits_and_dropping_blanks():
+    from dials_diffnet.spi.train import hit_operating_point
+
+    noise = np.array(["noisy"] * 100 + ["clean"] * 100)
+    hits = np.concatenate([np.linspace(0.25, 1, 100), np.ones(100)])  # every noisy hit at >= 0.25
+    blanks = np.linspace(0, 0.15, 100)  # every blank below 0.2, a third at >= 0.1
+    point = hit_operating_point(hits, noise, blanks)
+    assert point["min_p_hit"] == 0.2 and point["met"]
+    point = hit_operating_point(hits, noise, np.full(100, 0.6))  # blanks everywhere: no candidate passes
+    assert point["min_p_hit"] == 0.5 and not point["met"]

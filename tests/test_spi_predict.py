@@ -1,9 +1,11 @@
 """diffnet.predict task=spi on CXI files and on dials.import'ed images, and diffnet.filter keeping single hits."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dials_diffnet.spi.cxi import write_cbf, write_cxi
@@ -35,17 +37,36 @@ def test_predict_spi_on_cxi(tmp_path, shots):
 
 
 def test_predict_spi_on_imported_images_and_filter_keeps_single_hits(tmp_path, shots):
-    paths = [write_cbf(tmp_path / f"spi_{i + 1:05d}.cbf", shot) for i, shot in enumerate(shots)]
+    blank = simulate(shot_params(9_100_011, count=0, noise="noisy", pool="test", readout_sigma=0.3))
+    paths = [write_cbf(tmp_path / f"spi_{i + 1:05d}.cbf", shot) for i, shot in enumerate(shots + [blank])]
     run("dials.import", *[p.name for p in map(__import__("pathlib").Path, paths)], cwd=tmp_path)
     run("diffnet.predict", "imported.expt", "task=spi", cwd=tmp_path)
-    records = json.loads((tmp_path / "diffnet.json").read_text())["records"]
-    assert len(records) == 4 and all(r["ok"] for r in records)
+    document = json.loads((tmp_path / "diffnet.json").read_text())
+    records, bar = document["records"], document["models"]["spi_multi"]["min_p_hit"]
+    assert len(records) == 5 and all(r["ok"] for r in records)
+    assert records[-1]["p_hit"] < bar  # the blank frame
     run("diffnet.filter", "imported.expt", "diffnet.json", "task=spi", cwd=tmp_path)
     from dxtbx.model.experiment_list import ExperimentListFactory
 
     kept = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
-    singles = {r["path"] for r in records if r["spi_count"] == 1}
-    assert {e.imageset.get_path(0) for e in kept} == singles
+    singles = {r["path"] for r in records if r["spi_count"] == 1 and r["p_hit"] >= bar}
+    assert {e.imageset.get_path(0) for e in kept} == singles and len(singles) >= 2
+
+
+def test_blank_frames_are_not_hits_and_all_zero_frames_fail(tmp_path, shots):
+    """A real SPI run is mostly blanks: the shipped spi_multi's hit head calls a noise-only frame no hit,
+    an all-zero frame is flagged before any network sees it, and the table shows the SPI columns."""
+    blank = simulate(shot_params(9_100_010, count=0, noise="noisy", pool="test", readout_sigma=0.3))
+    zero = dataclasses.replace(blank, image=np.zeros_like(blank.image))
+    write_cxi(tmp_path / "run.cxi", [shots[0], blank, zero])
+    run(sys.executable, "-m", "diffnet.predict", "run.cxi", "task=spi", cwd=tmp_path)
+    document = json.loads((tmp_path / "diffnet.json").read_text())
+    hit, noise_only, empty = document["records"]
+    bar = document["models"]["spi_multi"]["min_p_hit"]
+    assert hit["ok"] and hit["p_hit"] >= bar and noise_only["ok"] and noise_only["p_hit"] < bar
+    assert not empty["ok"] and empty["failure"] == "all pixels are zero"
+    header = [cell.strip() for cell in (tmp_path / "diffnet.txt").read_text().splitlines()[1].split("|")]
+    assert {"P(hit)", "count", "P(single)", "type"} <= set(header) and "d_min" not in header
 
 
 def test_cxi_needs_task_spi(tmp_path, shots):

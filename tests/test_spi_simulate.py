@@ -91,6 +91,23 @@ def test_identical_seeds_identical_images():
     assert sim.shot_params(11).labels() == drawn.labels()
 
 
+def test_a_blank_shot_records_the_detector_noise_only():
+    params = sim.shot_params(21, count=0, noise="noisy", pool="test", readout_sigma=0.3)
+    assert params.count == 0 and params.particle == sim.BLANK and params.offsets.shape == (0, 3)
+    assert not sim.expected_photons(params).any()
+    shot = sim.simulate(params)
+    assert 0.03 < shot.image[shot.valid].mean() < 0.07  # false photons from readout noise only
+    # a blank's readout noise is drawn per frame (a hit is told by its pattern, not by one noise level);
+    # a particle shot's stays READOUT_SIGMA
+    sigmas = [sim.shot_params(seed, count=0).readout_sigma for seed in range(40)]
+    lo, hi = sim.BLANK_READOUT_RANGE
+    assert lo <= min(sigmas) and max(sigmas) <= hi and max(sigmas) - min(sigmas) > (hi - lo) / 2
+    assert sim.shot_params(21, "capsid", 2).readout_sigma == sim.READOUT_SIGMA
+    assert not sim.simulate(sim.shot_params(21, count=0, noise="clean", pool="test")).image.any()
+    with pytest.raises(ValueError, match="count must be 0-4"):
+        sim.shot_params(21, "capsid", 5)
+
+
 def test_poisson_mean_matches_fluence_and_readout_noise_is_bounded():
     params = sim.shot_params(5, "dumbbell", 2, "noisy", "train", readout_sigma=0.0)
     expected = sim.expected_photons(params) * sim.pnccd_valid()

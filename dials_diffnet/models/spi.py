@@ -103,20 +103,24 @@ def _head(n_in, n_out, hidden=64):
 
 
 class SpiMultiNet(nn.Module):
-    """Multi-output CNN: logits for the particle count (index 0..3 = 1..4 particles) and the particle type."""
+    """Multi-output CNN: logits for the particle count (index 0..3 = 1..4 particles) and the particle type;
+    with `hit_head`, also a hit logit (a particle in the beam at all, against a blank frame)."""
 
-    OUTPUTS = ("count_logits", "type_logits")
     FEATURE_READERS = ("count_head.0", "type_head.0")  # the layers that read the trunk's features
 
-    def __init__(self, n_types=8, n_counts=4, width=8, in_channels=2, patterson=True):
+    def __init__(self, n_types=8, n_counts=4, width=8, in_channels=2, patterson=True, hit_head=False):
         super().__init__()
         self.trunk = SpiTrunk(width, in_channels, patterson)
         self.count_head = _head(self.trunk.n_features, n_counts)
         self.type_head = _head(self.trunk.n_features, n_types)
+        self.hit_head = _head(self.trunk.n_features, 1) if hit_head else None
 
     def forward(self, x):
         f = self.trunk(x)
-        return {"count_logits": self.count_head(f), "type_logits": self.type_head(f)}
+        out = {"count_logits": self.count_head(f), "type_logits": self.type_head(f)}
+        if self.hit_head is not None:
+            out["hit_logits"] = self.hit_head(f)[:, 0]
+        return out
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import numpy as np
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi.particles import SEEN_TYPES, UNSEEN_TYPES, bead_model, random_shape_names
-from dials_diffnet.spi.simulate import MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
+from dials_diffnet.spi.simulate import BLANK, MAX_COUNT, particle_transform, represent_shot, shot_params, simulate
 
 logger = logging.getLogger("dials.diffnet.spi.dataset")
 
@@ -54,6 +54,14 @@ def balanced_specs(split: str, particles, per_class: int, noises=("clean", "nois
                     specs.append(ShotSpec(seed, particle, count, noise, pool))
                     seed += 1
     return specs
+
+
+def blank_specs(split: str, n: int, pool=None) -> list:
+    """n noisy blank shots (count 0; readout noise drawn per frame, simulate.BLANK_READOUT_RANGE), seeds
+    counted up from the split's base + BLANK_OFFSET. A noise-free blank is an all-zero frame, which
+    diffnet.predict flags as a failure before any network sees it."""
+    pool = pool or ("train" if split == "train" else "test")
+    return [ShotSpec(SEED_BASES[split] + BLANK_OFFSET + i, BLANK, 0, "noisy", pool) for i in range(n)]
 
 
 def _tensor(spec: ShotSpec, grid: GridSpec) -> np.ndarray:
@@ -104,7 +112,7 @@ def build(specs, cache: pathlib.Path | None = None, workers: int = 1, grid: Grid
         return {key: _leading_rows(cache, key, n_cached) for key in ("x", *LABEL_KEYS)}
     todo = specs[n_cached:]
     start = time.time()
-    for name in sorted({s.particle for s in todo}):
+    for name in sorted({s.particle for s in todo} - {BLANK}):
         particle_transform(name)  # built once here, shared by the forked workers
     tensor = partial(_tensor, grid=grid)
     with contextlib.ExitStack() as stack:
@@ -140,6 +148,8 @@ CLOSE_BELOW = 0.5  # diameters: where the count is wrong most (docs/spi.md, Resu
 # The compact set: 3 and 4 particles with a pair < 0.7 diameters apart in projection, where 10 of
 # spi_multi 0.13.0's 12 validation errors lay (docs/history/spi-training.md, session 23).
 COMPACT_OFFSET = 800_000
+# Blank shots (no particle: the detector's noise only) start this far into each split's seed range.
+BLANK_OFFSET = 900_000
 COMPACT_BELOW = 0.7
 
 

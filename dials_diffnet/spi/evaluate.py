@@ -18,6 +18,8 @@ training geometries, seen and held-back types): where candidate models are compa
 3. Optional sweep of embedding size x margin, reduced to fit a CPU: on the shipped twin's
    frozen trunk, a fresh projection head per (size, margin), scored as in 2.
 4. CPU inference rate: model only, and representation + model from a detector frame.
+5. With a hit head (spi_multi 0.14.0 on): hit vs blank at the card's bar and default views, on the
+   test set's hits and as many noisy blank frames (test geometry pool, dataset.blank_specs).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dials_diffnet.inference import DEFAULT_VIEWS
 from dials_diffnet.models.views import ViewAveraged
 from dials_diffnet.representation import GridSpec
 from dials_diffnet.spi.fewshot import FewShotClassifier
-from dials_diffnet.spi.dataset import row_spec, smallest_projected_separation
+from dials_diffnet.spi.dataset import blank_specs, build, row_spec, smallest_projected_separation
 from dials_diffnet.spi.particles import UNSEEN_TYPES
 from dials_diffnet.spi.simulate import NOMINAL_FLUENCE, represent_shot, shot_params, simulate
 from dials_diffnet.spi.train import TWIN, load_sets, train_twin, training_data
@@ -79,6 +81,28 @@ def multi_metrics(model, card, data, rows) -> dict:
         },
         "count_accuracy_by_projected_separation": accuracy_by_separation(separation, count_ok),
         "count_errors": count_errors(data, rows, count, p_call, separation),
+    }
+
+
+def hit_probabilities(model, x: np.ndarray) -> np.ndarray:
+    """P(hit) of every pattern from a model with a hit head."""
+    return 1 / (1 + np.exp(-run_model(model, x)["hit_logits"]))
+
+
+def hit_metrics(model, bar: float, hits: dict, blanks: dict) -> dict:
+    """Hit vs blank at P(hit) >= bar: the share of hits kept (by noise, and by particle type for noisy
+    hits), of blank frames kept, and the accuracy over both."""
+    p_hit = [hit_probabilities(model, d["x"]) for d in (hits, blanks)]
+    kept, blank_kept = p_hit[0] >= bar, p_hit[1] >= bar
+    noisy = hits["noise"] == "noisy"
+    return {
+        "min_p_hit": bar, "hits": int(len(kept)), "blanks": int(len(blank_kept)),
+        "hits_kept": {noise: float(np.mean(kept[hits["noise"] == noise])) for noise in ("clean", "noisy")},
+        "noisy_hits_kept_by_type": {str(t): float(np.mean(kept[noisy & (hits["particle"] == t)]))
+                                    for t in np.unique(hits["particle"])},
+        "blanks_kept": float(np.mean(blank_kept)),
+        "noisy_hit_vs_blank_accuracy": float(np.mean(np.concatenate([kept[noisy], ~blank_kept]))),
+        "lowest_p_hit_of_a_hit": float(p_hit[0].min()), "highest_p_hit_of_a_blank": float(p_hit[1].max()),
     }
 
 
@@ -233,6 +257,12 @@ def print_tables(results: dict):
             pair = "-" if e["closest_pair_diameters"] is None else e["closest_pair_diameters"]
             print(f"{noise:<8} {e['seed']} {e['particle']:<9} {e['count']} -> {e['called']} p {e['p_called']:.2f} "
                   f"pair {pair} {e['energy_kev']} keV {e['distance_mm']:g} mm x{e['fluence_factor']:.2f}")
+    if "hit" in results:
+        h = results["hit"]
+        print(f"\nHit vs blank at P(hit) >= {h['min_p_hit']:g} ({views} views): {h['hits']} hits, {h['blanks']} noisy blank "
+              f"frames; hits kept clean {100 * h['hits_kept']['clean']:.1f} %, noisy {100 * h['hits_kept']['noisy']:.1f} %; "
+              f"blanks kept {100 * h['blanks_kept']:.1f} %; noisy hits vs blanks {100 * h['noisy_hit_vs_blank_accuracy']:.1f} %")
+        print("noisy hits kept by type: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in h["noisy_hits_kept_by_type"].items()))
     for key, how in (("twin_unseen", ""), ("twin_unseen_default_views", f", embeddings averaged over {views} views")):
         print(f"\nTwin network, unseen particle types, {N_SUPPORT} support patterns per class, {TRIALS} draws{how}")
         print(f"{'test set':<8} {'type':<10} {'1-vs-multi (4 cls)':>19} {'count acc (4 cls)':>18} {'1-vs-multi (2 cls)':>19}")
@@ -319,6 +349,13 @@ def main(argv=None):
                      "n_support_per_class": N_SUPPORT, "trials": TRIALS, "default_views": views,
                      "noisy": multi_card["training"]["data"]["noisy"]},
     }
+    if "operating_point" in multi_card:
+        blanks = blank_specs("validation" if args.validation else "test", len(test["seed"]) // 2,
+                             pool="train" if args.validation else "test")
+        cache = pathlib.Path(args.cache) / f"grid{multi_card['grid']['size']}" / \
+            f"{'validation' if args.validation else 'test'}_blank_{len(blanks)}.npz"
+        results["hit"] = hit_metrics(ViewAveraged(multi, views), multi_card["operating_point"]["min_p_hit"], test,
+                                     build(blanks, cache, args.workers))
     if args.sweep:
         results["sweep"] = sweep(twin, training_data(sets, twin_random_shapes), sets["unseen"], args.sweep_epochs)
     results["rates"] = rates
@@ -330,6 +367,7 @@ def main(argv=None):
             keep = {k: v for k, v in card.items() if k not in ("sha256", "bytes")}
             keep["evaluation"] = {
                 "spi_multi": {**{key: card_figures(results[key]) for key in ("multi", "multi_default_views")},
+                              **({"hit_vs_blank": results["hit"]} if "hit" in results else {}),
                               "protocol": results["protocol"], "rates": results["rates"]},
                 "spi_twin": {"twin_unseen": results["twin_unseen"],
                              "twin_unseen_default_views": results["twin_unseen_default_views"],

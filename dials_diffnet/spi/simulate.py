@@ -68,8 +68,12 @@ GEOMETRY_POOLS = {
 NOMINAL_FLUENCE = 1.0e13  # photons / um^2 (a focused XFEL pulse)
 FLUENCE_JITTER = 0.5  # sigma of ln(fluence)
 READOUT_SIGMA = 0.3  # photons
+# A noisy blank's readout noise, drawn per frame: a hit head trained on blanks of one noise level takes
+# any other level for a particle (session 31: blanks at 0.1 or 0.4 photon were called hits)
+BLANK_READOUT_RANGE = (0.05, 0.45)
 SEPARATION_RANGE = (1.0, 3.0)  # centre-to-centre distance to a neighbour, in particle diameters
 MAX_COUNT = 4
+BLANK = "none"  # the particle of a blank shot (count 0: no particle in the beam, detector noise only)
 
 
 def pnccd_panel(distance_mm: float) -> PanelGeometry:
@@ -137,6 +141,8 @@ def random_rotations(rng, n) -> np.ndarray:
 def cluster_offsets(rng, count, diameter) -> np.ndarray:
     """Particle centres as in a drying droplet: each new particle sits 1-3 diameters from a random
     earlier one and no closer than one diameter to any (bounding spheres never overlap)."""
+    if count == 0:
+        return np.zeros((0, 3))
     centres = [np.zeros(3)]
     while len(centres) < count:
         anchor = centres[rng.integers(len(centres))]
@@ -156,24 +162,26 @@ def shot_params(
     noise: str = "noisy",
     pool: str = "train",
     nominal_fluence: float = NOMINAL_FLUENCE,
-    readout_sigma: float = READOUT_SIGMA,
+    readout_sigma: float | None = None,
 ) -> ShotParams:
-    """Draw a shot from its seed; particle and count are drawn too when not given."""
+    """Draw a shot from its seed; particle and count are drawn too when not given. Count 0 is a blank:
+    no particle in the beam (particle BLANK), the geometry and fluence still drawn, only noise recorded.
+    readout_sigma (noisy shots; None: READOUT_SIGMA, for a blank drawn from BLANK_READOUT_RANGE)."""
     if noise not in ("clean", "noisy"):
         raise ValueError(f"noise must be 'clean' or 'noisy', not {noise!r}")
     rng = np.random.default_rng(seed)
     names = sorted(PARTICLE_TYPES)
     drawn_particle, drawn_count = names[rng.integers(len(names))], int(rng.integers(1, MAX_COUNT + 1))
-    particle = particle or drawn_particle
-    count = count or drawn_count
-    if not is_particle(particle):
+    count = drawn_count if count is None else count
+    if not 0 <= count <= MAX_COUNT:
+        raise ValueError(f"count must be 0-{MAX_COUNT} (0: a blank), not {count}")
+    particle = BLANK if count == 0 else particle or drawn_particle
+    if count and not is_particle(particle):
         raise ValueError(f"unknown particle type {particle!r}")
-    if not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"count must be 1-{MAX_COUNT}, not {count}")
     energy, distance = GEOMETRY_POOLS[pool][rng.integers(len(GEOMETRY_POOLS[pool]))]
     fluence = nominal_fluence * math.exp(FLUENCE_JITTER * rng.standard_normal())
-    diameter = 2 * bead_model(particle).radius
-    return ShotParams(
+    diameter = 2 * bead_model(particle).radius if count else 0.0
+    params = ShotParams(
         seed=int(seed),
         particle=particle,
         count=int(count),
@@ -182,10 +190,14 @@ def shot_params(
         energy_kev=energy,
         distance_mm=distance,
         fluence=fluence,
-        readout_sigma=readout_sigma if noise == "noisy" else 0.0,
+        readout_sigma=0.0,
         rotations=random_rotations(rng, count),
         offsets=cluster_offsets(rng, count, diameter),
     )
+    if noise == "noisy":  # drawn last: a blank's draw leaves every other shot's draws as they were
+        params.readout_sigma = (float(readout_sigma) if readout_sigma is not None else
+                                rng.uniform(*BLANK_READOUT_RANGE) if count == 0 else READOUT_SIGMA)
+    return params
 
 
 class ParticleTransform:
@@ -282,6 +294,8 @@ def detector_bins(energy_kev: float, distance_mm: float, grid: GridSpec = SPI_GR
 
 def expected_photons(params: ShotParams, device="cpu", grid: GridSpec = SPI_GRID) -> np.ndarray:
     """Noise-free photons per pixel on the assembled frame (gap and hole included, masked later)."""
+    if params.count == 0:
+        return np.zeros(FRAME_SHAPE, np.float32)
     bins = detector_bins(params.energy_kev, params.distance_mm, grid)
     transform = particle_transform(params.particle, device)
     intensity = scattered_intensity(transform, bins.q.reshape(-1, 3), params.rotations, params.offsets)

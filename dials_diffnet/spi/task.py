@@ -120,6 +120,9 @@ class SpiTask:
         self.multi, self.twin = ViewAveraged(nets["spi_multi"], views), nets["spi_twin"]
         self.particle_types = list(cards["spi_multi"]["particle_types"])
         self.reflection_columns = ["spi_count", "spi_p_single", "spi_type_prob"]
+        self.has_hit_head = "hit_logits" in cards["spi_multi"]["outputs"]
+        if self.has_hit_head:
+            self.reflection_columns.append("p_hit")
         self.fewshot = None
         if reference is not None:
             x, labels = load_reference(reference)
@@ -139,10 +142,12 @@ class SpiTask:
         out = self.multi(x.float().to(self.device))
         count_p = torch.softmax(out["count_logits"], 1).cpu().numpy()
         type_p = torch.softmax(out["type_logits"], 1).cpu().numpy()
+        hit_p = torch.sigmoid(out["hit_logits"]).cpu().numpy() if self.has_hit_head else [None] * len(count_p)
         records = []
-        for cp, tp in zip(count_p, type_p):
+        for cp, tp, hp in zip(count_p, type_p, hit_p):
             t = int(tp.argmax())
             records.append({
+                "p_hit": None if hp is None else float(hp),
                 "spi_count": int(cp.argmax()) + 1,
                 "spi_p_single": float(cp[0]),
                 "spi_count_probs": [float(v) for v in cp],

@@ -37,7 +37,7 @@ from dials_diffnet.evaluate import resolve_device
 from dials_diffnet.models.spi import SpiMultiNet, SpiTwinNet, fold_count_prior, grow_spi
 from dials_diffnet.spi import SPI_GRID, spi_grid
 from dials_diffnet.spi import simulate as sim
-from dials_diffnet.spi.dataset import SEED_BASES, build, joined, standard_sets, validation_sets
+from dials_diffnet.spi.dataset import SEED_BASES, blank_specs, build, joined, standard_sets, validation_sets
 from dials_diffnet.spi.particles import PARTICLE_TYPES, RANDOM_PREFIX, SEEN_TYPES, random_shape_index
 from dials_diffnet.spi.triplet import batch_triplet_loss
 from dials_diffnet.train import PRECISIONS, fit, resolve_precision
@@ -60,6 +60,14 @@ MULTI = dict(width=16, patterson="flat", epochs=30, batch=32, lr=3e-3, weight_de
 TWIN = dict(width=8, patterson="log", embedding_size=32, margin=0.3, mining="semihard", epochs=20, per_class=16,
             lr=3e-3, warmup=0.2, grad_clip=0.0, random_shapes=128, seed=0, grid_size=256, train_per_class=75,
             crowded_per_class=0, close_per_class=0, compact_per_class=0, train_from=0, precision="auto")
+
+
+# The hit head (`--only hit`): added to a trained spi_multi whose trunk and other heads stay frozen, trained on
+# the trunk's features of hits (recipe shots per class train_from..train_per_class, which no spi_multi trained
+# on) and noisy blanks; each pattern under `views` random square symmetries.
+HIT = dict(epochs=30, batch=128, lr=1e-3, weight_decay=1e-4, warmup=0.05, seed=0, train_per_class=700,
+           train_from=600, blanks=3200, validation_blanks=320, views=2)
+HIT_OPERATING_POINTS = (0.5, 0.3, 0.2, 0.1, 0.05)
 
 
 def load_sets(cache: pathlib.Path, scale: float = 1.0, workers: int = 2, validation: bool = False,
@@ -148,6 +156,67 @@ def multi_loss(outputs: dict, labels: dict):
             if typed.any() else outputs["type_logits"].sum() * 0.0)
     right = (outputs["count_logits"].argmax(1) == labels["count"]).float().mean()
     return count + kind, {"count": count.item(), "type": kind.item(), "count_accuracy": right.item()}
+
+
+@torch.no_grad()
+def trunk_features(model: SpiMultiNet, x, views: int, seed: int, batch: int = 64) -> np.ndarray:
+    """(len(x) * views, n_features): the frozen trunk's pooled features of every pattern under `views`
+    random square symmetries (datasets.square_symmetry, drawn from (seed, view, row))."""
+    model.eval()
+    parts = []
+    for view in range(views):
+        for i in range(0, len(x), batch):
+            rows = [square_symmetry(np.asarray(x[j]), (seed, view, j)) for j in range(i, min(i + batch, len(x)))]
+            parts.append(model.trunk(torch.from_numpy(np.stack(rows)).float()).numpy())
+    return np.concatenate(parts)
+
+
+def hit_loss(outputs: dict, labels: dict):
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(outputs["hit_logits"], labels["hit"].float())
+    right = ((outputs["hit_logits"] > 0) == labels["hit"].bool()).float().mean()
+    return loss, {"hit": loss.item(), "hit_accuracy": right.item()}
+
+
+class HitHead(torch.nn.Module):
+    """An spi_multi's hit head alone, on trunk features, as `train.fit` takes it."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, f):
+        return {"hit_logits": self.head(f)[:, 0]}
+
+
+def add_hit_head(model: SpiMultiNet, card: dict, hits: dict, blanks: dict, config: dict = HIT, device="cpu"):
+    """(a copy of `model` with a trained hit head, per-epoch history). Only the head learns: the trunk and the
+    count and type heads keep their weights, so their outputs do not change."""
+    from dials_diffnet.models import build
+
+    torch.manual_seed(config["seed"])
+    net = build(dict(card["architecture"], hit_head=True))
+    missing, unexpected = net.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("hit_head.") for k in missing):
+        raise ValueError(f"{card.get('name')} does not fit SpiMultiNet: {unexpected or missing}")
+    features = np.concatenate([trunk_features(net, hits["x"], config["views"], config["seed"]),
+                               trunk_features(net, blanks["x"], config["views"], config["seed"])])
+    labels = np.repeat([1, 0], [len(hits["x"]) * config["views"], len(blanks["x"]) * config["views"]])
+    loader = torch.utils.data.DataLoader(PatternSet(features, {"hit": labels}), batch_size=config["batch"],
+                                         shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(config["seed"]))
+    result = fit(HitHead(net.hit_head), hit_loss, loader, None, epochs=config["epochs"], lr=config["lr"],
+                 weight_decay=config["weight_decay"], warmup_fraction=config["warmup"], grad_clip=0.0, device=device)
+    return net.to("cpu").eval(), result["history"]
+
+
+def hit_operating_point(p_hit_hits: np.ndarray, noise: np.ndarray, p_hit_blanks: np.ndarray) -> dict:
+    """The card's min_p_hit for `diffnet.filter task=spi` (rule B, docs/spi.md): the largest of
+    HIT_OPERATING_POINTS keeping >= 99 % of the noisy hits and <= 1 % of the blanks, else 0.5."""
+    rows = [{"min_p_hit": bar, "noisy_hits_kept": float(np.mean(p_hit_hits[noise == "noisy"] >= bar)),
+             "clean_hits_kept": float(np.mean(p_hit_hits[noise == "clean"] >= bar)),
+             "blanks_kept": float(np.mean(p_hit_blanks >= bar))} for bar in HIT_OPERATING_POINTS]
+    passing = [r for r in rows if r["noisy_hits_kept"] >= 0.99 and r["blanks_kept"] <= 0.01]
+    return {"min_p_hit": passing[0]["min_p_hit"] if passing else 0.5, "met": bool(passing), "candidates": rows}
 
 
 class Embedding(torch.nn.Module):
@@ -305,7 +374,9 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the data sets (quick runs)")
     parser.add_argument("--epochs", type=int, default=None, help="override both models' epochs")
     parser.add_argument("--workers", type=int, default=2, help="simulation processes")
-    parser.add_argument("--only", choices=("multi", "twin"), help="train one model (run the two side by side)")
+    parser.add_argument("--only", choices=("multi", "twin", "hit"),
+                        help="train one model (run the two side by side); hit: add a hit head to the spi_multi "
+                             "given by --init (its trunk and other heads frozen), trained on hits and blank frames")
     parser.add_argument("--patterson", choices=("log", "flat"), help="override both models' Patterson channel mode")
     parser.add_argument("--width", type=int, help="override both models' trunk width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
@@ -332,8 +403,10 @@ def main(argv=None):
                                        "schedule; its width or narrower, grown to --width): how spi_multi 0.6.0 "
                                        "continued 0.5.0")
     args = parser.parse_args(argv)
-    if args.init and args.only != "multi":
-        parser.error("--init needs --only multi")
+    if args.init and args.only not in ("multi", "hit"):
+        parser.error("--init needs --only multi or --only hit")
+    if args.only == "hit" and not args.init:
+        parser.error("--only hit needs --init: the spi_multi to add the head to")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = pathlib.Path(args.out)
@@ -345,6 +418,11 @@ def main(argv=None):
         if getattr(args, key) is not None:
             multi_config[key] = twin_config[key] = getattr(args, key)
     device = resolve_device(args.device)
+    if args.only == "hit":
+        hit_config = dict(HIT, **{k: getattr(args, k) for k in ("epochs", "seed", "lr", "warmup", "train_per_class",
+                                                                 "train_from") if getattr(args, k) is not None})
+        return train_and_save_hit(args.init, pathlib.Path(args.cache), args.scale, args.workers, hit_config, out,
+                                  device)
     for config in (multi_config, twin_config):  # the card names what ran, not "auto"
         config["precision"] = resolve_precision(config["precision"], device)
 
@@ -403,6 +481,61 @@ def train_and_save_multi(sets, validation, multi_config, data_seconds, out, devi
         "count_prior_folded": {"training_count_frequencies": count_frequencies(data),
                                "how": "models.spi.fold_count_prior: count logits as for equally likely 1-4 particles"},
     }), out / "spi_multi.safetensors")
+    logger.info("saved %s", out / "spi_multi.safetensors")
+
+
+def train_and_save_hit(init, cache: pathlib.Path, scale: float, workers: int, config: dict, out, device="cpu"):
+    """`--only hit`: the spi_multi `init` with a hit head (add_hit_head), its P(hit) bar chosen on the validation
+    sets (hit_operating_point) at diffnet.predict's default views, saved with a card saying how."""
+    from dials_diffnet.inference import DEFAULT_VIEWS
+    from dials_diffnet.models.views import ViewAveraged
+    from dials_diffnet.spi.evaluate import hit_probabilities
+
+    t0, c0 = time.time(), time.process_time()
+    model, init_card = load_model(init)
+    if init_card.get("name") != "spi_multi":
+        raise ValueError(f"--init {init} is not an spi_multi")
+    grid = spi_grid(init_card["grid"]["size"])
+    n = max(1, int(round(config["blanks"] * scale)))
+    hits = load_sets(cache, scale, workers, grid=grid, names=("train",), train_per_class=config["train_per_class"],
+                     train_from=config["train_from"])["train"]
+    blanks = build(blank_specs("train", n), cache / f"grid{grid.size}" / f"blank_train_{n}.npz", workers, grid)
+    validation = load_sets(cache, scale, workers, validation=True, grid=grid, names=("test",))["test"]
+    n_val = max(1, int(round(config["validation_blanks"] * scale)))
+    validation_blanks = build(blank_specs("validation", n_val, pool="train"),
+                              cache / f"grid{grid.size}" / f"validation_blank_{n_val}.npz", workers, grid)
+    data_seconds = time.time() - t0
+    net, history = add_hit_head(model, init_card, hits, blanks, config, device)
+    views = DEFAULT_VIEWS["spi"]
+    p_hit = [hit_probabilities(ViewAveraged(net, views), d["x"]) for d in (validation, validation_blanks)]
+    point = hit_operating_point(p_hit[0], validation["noise"], p_hit[1])
+    logger.info("hit head: min_p_hit %s (rule met: %s); %s", point["min_p_hit"], point["met"], point["candidates"])
+    # the evaluation block stays: the count and type outputs it quotes are unchanged
+    card = {k: v for k, v in init_card.items() if k not in ("sha256", "bytes")}
+    card["architecture"] = dict(init_card["architecture"], hit_head=True)
+    card["parameters"] = sum(p.numel() for p in net.parameters())
+    card["outputs"] = dict(init_card["outputs"], hit_logits="logit of a particle in the beam (1) against a blank (0)")
+    card["hit_head"] = {
+        "initialised_from": {k: init_card.get(k) for k in ("name", "version", "sha256")},
+        "frozen": "trunk, count and type heads (their outputs are those of initialised_from)",
+        "config": config, "device": str(device), "history": history,
+        "wall_seconds": round(time.time() - t0), "cpu_seconds": round(time.process_time() - c0),
+        "data_seconds": round(data_seconds), "threads": torch.get_num_threads(),
+        "hits": {"patterns": int(len(hits["seed"])), "seeds": [int(hits["seed"].min()), int(hits["seed"].max())],
+                 "recipe": "spi.train's training shots per class train_from..train_per_class (clean and noisy)"},
+        "blanks": {"patterns": n, "seeds": [int(blanks["seed"].min()), int(blanks["seed"].max())],
+                   "recipe": "dataset.blank_specs: no particle, readout noise only (sigma drawn per frame from "
+                             f"{sim.BLANK_READOUT_RANGE} photon), training pool"},
+    }
+    card["operating_point"] = {
+        "min_p_hit": point["min_p_hit"], "views": views, "met": point["met"],
+        "rule": "the largest of %s keeping >= 99 %% of the noisy validation hits and <= 1 %% of the validation "
+                "blanks, else 0.5" % (HIT_OPERATING_POINTS,),
+        "sets": {"hits": "dataset.validation_sets test (seen types, training pool, seeds 5,000,000+)",
+                 "blanks": f"dataset.blank_specs('validation', {n_val}, pool='train')"},
+        "candidates": point["candidates"],
+    }
+    save_model(net, card, out / "spi_multi.safetensors")
     logger.info("saved %s", out / "spi_multi.safetensors")
 
 
