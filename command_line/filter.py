@@ -5,16 +5,19 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import os
 
 from dials.util import Sorry, show_mail_handle_errors, tabulate
 from libtbx import Auto
 
-from diffnet.predict import make_parser, predict, reject_unhandled, single_inputs, start_log, write_records
+from diffnet.predict import (logged_task, make_parser, predict, reject_unhandled, single_cxi, single_inputs,
+                             start_log, write_records)
 from diffnet.predict import phil_scope as predict_scope
 from dials_diffnet.images import iter_image_refs
-from dials_diffnet.inference import resolve_views
+from dials_diffnet.inference import predict_cxi, resolve_views
 from dials_diffnet.results import match_records, read_json, write_experiments, write_reflections
-from dials_diffnet.util import check_outputs, load_phil, parse_command_line
+from dials_diffnet.spi.cxi import cxi_length, write_cxi_frames
+from dials_diffnet.util import atomic_output, check_outputs, load_phil, one_line, parse_command_line
 
 logger = logging.getLogger("dials.diffnet.filter")
 
@@ -42,11 +45,16 @@ rotation.min_good_fraction of its images pass the rules.
 If no diffnet.json is given the prediction runs first, with the same
 parameters as diffnet.predict.
 
+task=spi on a CXI file: the kept frames go to output.cxi (filtered.cxi), a copy
+of the file holding only them.
+
 Examples::
 
   diffnet.filter imported.expt diffnet.json d_min=2.5
 
   diffnet.filter imported.expt strong.refl min_p_hit=0.8
+
+  diffnet.filter run.cxi diffnet.json task=spi
 """
 
 
@@ -88,6 +96,52 @@ def auto_min_p_hit(models: dict):
         if card.get("min_p_hit") is not None:
             return card["min_p_hit"], f"the card of {card.get('name')} {card.get('version')}"
     return FALLBACK_MIN_P_HIT, "the default for models whose card records no bar"
+
+
+def resolve_min_p_hit(params, models, records) -> None:
+    """min_p_hit=Auto becomes the judging model's bar, logged with where it came from."""
+    if params.min_p_hit is Auto:
+        params.min_p_hit, source = auto_min_p_hit(models)
+        if any(r.p_hit is not None for r in records):  # not for SPI records without P(hit), judged by count only
+            logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
+
+
+def filter_cxi(params, options, parser, cxi_files, json_in):
+    """task=spi on a CXI file (what SPI facilities publish): the frames that pass the rules, copied to output.cxi."""
+    cxi, out = single_cxi(params, cxi_files), params.output
+    check_outputs({"output.cxi": out.cxi, "output.json": out.json if json_in is None else None,
+                   "output.log": out.log}, inputs=[cxi, json_in])
+    if not out.cxi:
+        raise Sorry("output.cxi must name a file")
+    start_log(logger, parser, options, out.log)
+    n_frames = cxi_length_or_sorry(cxi)
+    if json_in:
+        header, records = read_json(json_in)
+        if header.get("inputs", {}).get("experiments") != os.path.abspath(cxi) or len(records) != n_frames:
+            raise Sorry(f"{json_in} does not hold the records of the {n_frames} frames of {cxi}")
+        models = header.get("models")
+        logger.info(f"Using the records of {json_in}")
+    else:
+        task = logged_task(params)
+        records = predict_cxi(task, cxi, batch_size=params.batch_size)
+        models = task.models
+        if out.json:
+            write_records(out.json, task, records, "diffnet.filter", cxi, None)
+            logger.info(f"Saved per-image records to {out.json}")
+    resolve_min_p_hit(params, models, records)
+    reasons = [rejection(r, params) for r in records]
+    kept = [i for i, reason in enumerate(reasons) if reason is None]
+    with atomic_output(out.cxi) as tmp:
+        write_cxi_frames(cxi, tmp, kept)
+    logger.info(f"Saved {len(kept)} of {n_frames} frames to {out.cxi}")
+    logger.info("\n" + counts_table(collections.Counter(reason or "kept" for reason in reasons), {}))
+
+
+def cxi_length_or_sorry(path) -> int:
+    try:
+        return cxi_length(path)
+    except (OSError, KeyError) as e:
+        raise Sorry(f"cannot read {path}: {one_line(str(e))}") from None
 
 
 def is_rotation(experiment) -> bool:
@@ -146,12 +200,15 @@ def json_argument(unhandled):
 
 @show_mail_handle_errors()
 def run(args=None, phil=working_phil):
-    usage = "diffnet.filter [options] [param.phil] imported.expt [strong.refl] [diffnet.json]"
+    usage = "diffnet.filter [options] [param.phil] imported.expt [strong.refl] [diffnet.json] | run.cxi [diffnet.json]"
     parser = make_parser(phil, usage, help_message)
     params, options, unhandled = parse_command_line(parser, args)
     json_in = json_argument(unhandled)
-    reject_unhandled(unhandled, accepted=[json_in])
+    cxi_files = [a for a in unhandled if a.endswith(".cxi") and os.path.isfile(a)]
+    reject_unhandled(unhandled, accepted=[json_in, *cxi_files])
     params.views = resolve_views(params.views, params.task)
+    if cxi_files:
+        return filter_cxi(params, options, parser, cxi_files, json_in)
     if not params.input.experiments and not params.input.reflections:
         parser.print_help()
         return
@@ -188,10 +245,7 @@ def run(args=None, phil=working_phil):
         if out.json:
             write_records(out.json, task, records, "diffnet.filter", expt_path, refl_path)
             logger.info(f"Saved per-image records to {out.json}")
-    if params.min_p_hit is Auto:
-        params.min_p_hit, source = auto_min_p_hit(models)
-        if any(r.p_hit is not None for r in records):  # not for SPI records without P(hit), judged by count only
-            logger.info(f"min_p_hit={params.min_p_hit:g}, from {source}")
+    resolve_min_p_hit(params, models, records)
 
     kept, image_counts, sweep_counts = choose_experiments(experiments, refs, records, params)
     isolate_still_imagesets(experiments, refs, kept)

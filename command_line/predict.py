@@ -193,12 +193,18 @@ def run(args=None, phil=working_phil):
     logger.info("\n" + summary_table(records, params.summary.multi_threshold, params.summary.hit_threshold))
 
 
-def run_cxi(params, options, parser, cxi_files):
-    """task=spi on CXI files (what SPI facilities publish) instead of an experiment list."""
+def single_cxi(params, cxi_files) -> str:
+    """The one CXI file of a task=spi run; Sorry for anything else."""
     if params.task != "spi":
         raise Sorry("CXI input is for task=spi")
-    if len(cxi_files) != 1 or params.input.experiments:
-        raise Sorry("give exactly one CXI file (and no experiment list)")
+    if len(cxi_files) != 1 or params.input.experiments or params.input.reflections:
+        raise Sorry("give exactly one CXI file (and no experiment list or reflections)")
+    return cxi_files[0]
+
+
+def run_cxi(params, options, parser, cxi_files):
+    """task=spi on CXI files (what SPI facilities publish) instead of an experiment list."""
+    single_cxi(params, cxi_files)
     out = params.output
     check_outputs({"output.json": out.json, "output.table": out.table, "output.log": out.log}, inputs=cxi_files)
     start_log(logger, parser, options, out.log)

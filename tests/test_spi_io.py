@@ -11,7 +11,7 @@ import torch
 from dials_diffnet.representation import cached_grid_map, represent
 from dials_diffnet.spi import SPI_GRID
 from dials_diffnet.spi import simulate as sim
-from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels, write_cbf, write_cxi
+from dials_diffnet.spi.cxi import read_cxi, read_cxi_labels, write_cbf, write_cxi, write_cxi_frames
 
 torch.set_num_threads(1)
 
@@ -41,6 +41,23 @@ def test_cxi_round_trip(tmp_path, shots):
                                          str(labels["noise"][1]), str(labels["pool"][1])))
     assert np.array_equal(again.image, images[1].pixels[0])  # regenerable from the stored labels
     assert np.allclose(labels["offsets"][0][: shots[0].params.count], shots[0].params.offsets)
+
+
+def test_a_cxi_copy_of_some_frames_holds_their_pixels_geometry_and_labels(tmp_path, shots):
+    path = write_cxi(tmp_path / "shots.cxi", shots, user_labels=["a", "b", "c"])
+    write_cxi_frames(path, tmp_path / "two.cxi", [0, 2])
+    images = list(read_cxi(tmp_path / "two.cxi"))
+    assert len(images) == 2
+    for shot, raw in zip([shots[0], shots[2]], images):  # per-shot geometry sliced with the frames
+        assert raw.panels == (shot.panel,) and raw.beam.wavelength == pytest.approx(shot.beam.wavelength, rel=1e-12)
+        assert np.array_equal(raw.pixels[0], shot.image) and np.array_equal(raw.valid[0], shot.valid)
+    labels = read_cxi_labels(tmp_path / "two.cxi")
+    assert list(labels["seed"]) == [1, 3] and list(labels["label"]) == ["a", "c"] and labels["rotations"].shape[0] == 2
+    with h5py.File(tmp_path / "two.cxi") as f:
+        assert f["entry_1/instrument_1/source_1/energy"].attrs["units"] == "J"
+        assert isinstance(f["entry_1/data_1"].get("data", getlink=True), h5py.SoftLink)
+    write_cxi_frames(path, tmp_path / "none.cxi", [])  # nothing kept: a valid file with no frames
+    assert list(read_cxi(tmp_path / "none.cxi")) == []
 
 
 def test_read_cxi_rejects_non_cxi(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dials_diffnet.spi.cxi import write_cbf, write_cxi
+from dials_diffnet.spi.cxi import read_cxi_labels, write_cbf, write_cxi
 from dials_diffnet.spi.simulate import shot_params, simulate
 
 # seeds far from the SPI training and test seeds; counts 1, 2, 1, 3
@@ -67,6 +67,15 @@ def test_blank_frames_are_not_hits_and_all_zero_frames_fail(tmp_path, shots):
     assert not empty["ok"] and empty["failure"] == "all pixels are zero"
     header = [cell.strip() for cell in (tmp_path / "diffnet.txt").read_text().splitlines()[1].split("|")]
     assert {"P(hit)", "count", "P(single)", "type"} <= set(header) and "d_min" not in header
+    # the filter on the CXI file: a copy holding the single hits only
+    run(sys.executable, "-m", "diffnet.filter", "run.cxi", "diffnet.json", "task=spi", cwd=tmp_path)
+    kept = read_cxi_labels(tmp_path / "filtered.cxi")["seed"]
+    assert list(kept) == [s.params.seed for s, r in zip([shots[0], blank, zero], document["records"])
+                          if r["ok"] and r["spi_count"] == 1 and r["p_hit"] >= bar]
+    write_cxi(tmp_path / "other.cxi", shots[:2])  # records of another file are refused
+    result = run(sys.executable, "-m", "diffnet.filter", "other.cxi", "diffnet.json", "task=spi",
+                 "output.cxi=other_kept.cxi", cwd=tmp_path, ok=False)
+    assert "does not hold the records" in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
 def test_cxi_needs_task_spi(tmp_path, shots):

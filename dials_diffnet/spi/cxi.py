@@ -132,6 +132,51 @@ def read_cxi(path):
             yield RawImage(pixels=[frame], valid=[valid], panels=panels, beam=beam)
 
 
+def _per_frame(name: str, dataset, n_frames: int) -> bool:
+    """Whether a CXI dataset holds one entry per frame (read_cxi's rules for the geometry it reads;
+    anything else whose first axis has one entry per frame)."""
+    base = name.rsplit("/", 1)[-1]
+    if base in ("mask", "basis_vectors"):
+        return False
+    if base == "corner_position":
+        return dataset.ndim == 2
+    return dataset.ndim >= 1 and dataset.shape[0] == n_frames
+
+
+def write_cxi_frames(source, destination, frames) -> None:
+    """A copy of the CXI file `source` that holds only `frames` (indices into /entry_1/data_1/data, in
+    order): per-frame datasets sliced, everything else (geometry, mask, attributes, links) copied."""
+    frames = np.asarray(frames, dtype=int)
+    with h5py.File(source, "r") as src, h5py.File(destination, "w") as dst:
+        n_frames = src["entry_1/data_1/data"].shape[0]
+
+        def copy_group(group_in, group_out):
+            group_out.attrs.update(group_in.attrs)
+            for name in group_in:
+                link = group_in.get(name, getlink=True)
+                if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                    group_out[name] = link
+                elif isinstance(group_in[name], h5py.Group):
+                    copy_group(group_in[name], group_out.create_group(name))
+                else:
+                    copy_dataset(group_in[name], group_out, name)
+
+        def copy_dataset(ds, group_out, name):
+            if not _per_frame(ds.name, ds, n_frames):
+                group_out.create_dataset(name, data=ds[()], dtype=ds.dtype)
+            elif ds.ndim == 3:  # frames: one at a time, chunked and compressed as write_cxi writes them
+                out = group_out.create_dataset(name, shape=(len(frames),) + ds.shape[1:], dtype=ds.dtype,
+                                               chunks=(1,) + ds.shape[1:], maxshape=(None,) + ds.shape[1:],
+                                               compression="gzip", compression_opts=1, shuffle=True)
+                for k, i in enumerate(frames):
+                    out[k] = ds[i]
+            else:
+                group_out.create_dataset(name, data=ds[()][frames], dtype=ds.dtype)
+            group_out[name].attrs.update(ds.attrs)
+
+        copy_group(src, dst)
+
+
 def cxi_length(path) -> int:
     with h5py.File(path, "r") as f:
         return int(f["entry_1/data_1/data"].shape[0])
