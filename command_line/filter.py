@@ -98,6 +98,16 @@ def auto_min_p_hit(models: dict):
     return FALLBACK_MIN_P_HIT, "the default for models whose card records no bar"
 
 
+def warn_about_rules(params) -> None:
+    """Say when a rule the user set will mislead or not apply."""
+    if params.max_p_multi is not None and params.task == "crystal":
+        logger.warning("max_p_multi: the shipped crystal model's P(multi-lattice) follows the number of spots, "
+                       "not lattices (docs/training.md), so this rule drops strong single-lattice shots first")
+    if params.task == "spi" and (params.max_p_multi is not None or params.d_min is not None):
+        logger.warning("max_p_multi and d_min judge crystal records; task=spi records have neither, so they are "
+                       "not applied")
+
+
 def resolve_min_p_hit(params, models, records) -> None:
     """min_p_hit=Auto becomes the judging model's bar, logged with where it came from."""
     if params.min_p_hit is Auto:
@@ -114,6 +124,7 @@ def filter_cxi(params, options, parser, cxi_files, json_in):
     if not out.cxi:
         raise Sorry("output.cxi must name a file")
     start_log(logger, parser, options, out.log)
+    warn_about_rules(params)
     n_frames = cxi_length_or_sorry(cxi)
     if json_in:
         header, records = read_json(json_in)
@@ -180,7 +191,9 @@ def isolate_still_imagesets(experiments, refs, kept):
         expt = experiments[i]
         ref = ref_of[i]
         if not is_rotation(expt) and len(ref.imageset) > 1:
-            expt.imageset = ref.imageset[ref.index : ref.index + 1]
+            # an ImageSequence slices by array index (its scan's frame counted from 0), an ImageSet by position
+            start = ref.index + (ref.imageset.get_array_range()[0] if hasattr(ref.imageset, "get_array_range") else 0)
+            expt.imageset = ref.imageset[start : start + 1]
 
 
 def counts_table(image_counts, sweep_counts) -> str:
@@ -227,9 +240,7 @@ def run(args=None, phil=working_phil):
         raise Sorry("output.experiments must name a file")
 
     start_log(logger, parser, options, out.log)
-    if params.max_p_multi is not None and params.task == "crystal":
-        logger.warning("max_p_multi: the shipped crystal model's P(multi-lattice) follows the number of spots, "
-                       "not lattices (docs/training.md), so this rule drops strong single-lattice shots first")
+    warn_about_rules(params)
 
     if len(set(experiments.identifiers())) != len(experiments) or "" in experiments.identifiers():
         raise Sorry(f"{expt_path} lacks unique experiment identifiers; re-import the images with dials.import")

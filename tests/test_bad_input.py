@@ -104,6 +104,19 @@ def test_nan_everywhere_is_a_failure_not_a_prediction(messy):
     assert image_failure(raw, [TRUSTED_MAX], 0.5).startswith("no finite pixel values")
 
 
+def test_an_image_whose_only_nonzero_pixels_are_masked_is_all_zero(messy):
+    """A noise-free SPI blank as mini-CBF: zeros, and -1 in the gaps dxtbx masks; it is no image to judge."""
+    _, files = messy
+    raw = read_image(ExperimentListFactory.from_filenames([str(files["good"])])[0].imageset, 0)
+    for pixels, valid in zip(raw.pixels, raw.valid):
+        pixels[...] = np.where(valid, 0, -1)
+        valid[:10] = False  # a masked band, as the pnCCD's gap
+        pixels[:10] = -1
+    assert image_failure(raw, [TRUSTED_MAX], 0.5) == "all pixels are zero"
+    raw.pixels[0][20, 20] = 1  # one counted photon: an image, if a poor one
+    assert image_failure(raw, [TRUSTED_MAX], 0.5) is None
+
+
 def test_a_shared_image_set_whose_first_file_is_empty_names_that_file(tmp_path):
     files = write_stills(tmp_path, [spotty_image(i) for i in range(3)])
     expt = dials_import(tmp_path, files)  # one ImageSequence of stills: dxtbx opens it by its first file

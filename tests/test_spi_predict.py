@@ -78,6 +78,24 @@ def test_blank_frames_are_not_hits_and_all_zero_frames_fail(tmp_path, shots):
     assert "does not hold the records" in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+def test_filter_gives_each_kept_still_its_own_image_of_a_shared_image_sequence(tmp_path):
+    """dials.import groups consecutive mini-CBFs of one geometry into an ImageSequence whose array range can
+    start past 0; each kept still must get exactly its own image (this crashed until session 31)."""
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    seeds = (9_100_102, 9_100_103, 9_100_104)  # 4.0 keV, then two at 1.4 keV: the second sequence starts at 1
+    for i, seed in enumerate(seeds):
+        write_cbf(tmp_path / f"seq_{i + 1:05d}.cbf", simulate(shot_params(seed, "capsid", 1, "clean", "test")))
+    run("dials.import", "seq_00001.cbf", "seq_00002.cbf", "seq_00003.cbf", cwd=tmp_path)
+    imported = ExperimentListFactory.from_json_file(str(tmp_path / "imported.expt"), check_format=False)
+    assert imported[2].imageset.get_array_range()[0] == 1  # the case this test is for
+    run("diffnet.filter", "imported.expt", "task=spi", "spi.single_only=False", "min_p_hit=None", cwd=tmp_path)
+    kept = ExperimentListFactory.from_json_file(str(tmp_path / "filtered.expt"), check_format=True)
+    assert [len(e.imageset) for e in kept] == [1, 1, 1]
+    assert [e.imageset.get_path(0).rsplit("/", 1)[-1] for e in kept] == ["seq_00001.cbf", "seq_00002.cbf",
+                                                                          "seq_00003.cbf"]
+
+
 def test_cxi_needs_task_spi(tmp_path, shots):
     write_cxi(tmp_path / "run.cxi", shots[:1])
     result = run(sys.executable, "-m", "diffnet.predict", "run.cxi", cwd=tmp_path, ok=False)
