@@ -184,7 +184,7 @@ def image_failure(raw, trusted_max, max_saturated_fraction: float) -> str | None
                 n_at_max += np.count_nonzero(valid & (pixels >= hi))
         n_valid += np.count_nonzero(valid)
     n_masked = sum(np.size(v) for v in raw.valid) - n_valid
-    if n_finite_nonzero and n_finite_nonzero <= n_masked:  # every nonzero pixel may be a masked one (gaps at -1)
+    if n_valid and n_finite_nonzero and n_finite_nonzero <= n_masked:  # every nonzero pixel may be a masked one
         n_finite_nonzero = sum(np.count_nonzero(np.asarray(v) & np.isfinite(p) & (np.asarray(p) != 0))
                                for p, v in zip(raw.pixels, raw.valid))
     if n_finite == 0:
