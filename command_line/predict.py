@@ -204,14 +204,13 @@ def single_cxi(params, cxi_files) -> str:
 
 def run_cxi(params, options, parser, cxi_files):
     """task=spi on CXI files (what SPI facilities publish) instead of an experiment list."""
-    single_cxi(params, cxi_files)
-    out = params.output
-    check_outputs({"output.json": out.json, "output.table": out.table, "output.log": out.log}, inputs=cxi_files)
+    cxi, out = single_cxi(params, cxi_files), params.output
+    check_outputs({"output.json": out.json, "output.table": out.table, "output.log": out.log}, inputs=[cxi])
     start_log(logger, parser, options, out.log)
     task = logged_task(params)
-    records = predict_cxi(task, cxi_files[0], batch_size=params.batch_size)
+    records = predict_cxi(task, cxi, batch_size=params.batch_size)
     if out.json:
-        write_records(out.json, task, records, "diffnet.predict", cxi_files[0], None)
+        write_records(out.json, task, records, "diffnet.predict", cxi, None)
         logger.info(f"Saved per-image records to {out.json}")
     if out.table:
         write_table(out.table, records)

@@ -363,15 +363,21 @@ class ImageDataset(torch.utils.data.Dataset):
             # dxtbx keeps each ImageSet's last image: with one ImageSet per still that is every image read
             imageset.clear_cache()
             trusted_max = [p.get_trusted_range()[1] for p in imageset.get_detector(index)]
-            failure = image_failure(raw, trusted_max, self.max_saturated_fraction)
-            if failure:
-                return None, failure
-            x = represent(raw.pixels, raw.valid, cached_grid_map(raw.panels, raw.beam, self.grid), self.planes)
+            return network_input(raw, trusted_max, self.max_saturated_fraction, self.grid, self.planes)
         except Exception as e:  # dxtbx raises many kinds for truncated or corrupt files
             return None, unreadable(e, imageset.get_path(index))
-        if not x[1].any():
-            return None, "no valid pixels within the resolution range of the grid"
-        return x, None
+
+
+def network_input(raw, trusted_max, max_saturated_fraction: float, grid: GridSpec, planes: int):
+    """(representation, None) of an image a network can judge, or (None, why it cannot): the one path
+    from a read image, dxtbx's or a CXI frame's, to the networks."""
+    failure = image_failure(raw, trusted_max, max_saturated_fraction)
+    if failure:
+        return None, failure
+    x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, grid), planes)
+    if not x[1].any():
+        return None, "no valid pixels within the resolution range of the grid"
+    return x, None
 
 
 def _libc():
@@ -543,11 +549,7 @@ def predict_cxi(task: Task, cxi_path, *, batch_size=16) -> list[ImageRecord]:
         for i, raw in enumerate(read_cxi(cxi_path)):
             ref = ImageRef(experiment_index=0, identifier="", imageset=None, index=i, path=os.path.abspath(cxi_path), image_number=i + 1)
             # a CXI file records no trusted range: every check but saturation, as for a dxtbx image
-            failure = image_failure(raw, [np.inf] * len(raw.pixels), 1.0)
-            if not failure:
-                x = represent(raw.pixels, raw.valid, cached_grid_map(tuple(raw.panels), raw.beam, task.grid),
-                              task.planes)
-                failure = None if x[1].any() else "no valid pixels within the reach of the grid"
+            x, failure = network_input(raw, [np.inf] * len(raw.pixels), 1.0, task.grid, task.planes)
             records.append(failed_record(ref, failure) if failure else None)
             if records[-1] is None:
                 pending.append((i, ref, x))
